@@ -1,0 +1,302 @@
+"""marshmallow schemas: the only place that turns a metadata file into objects.
+
+Declarative on purpose: every rule of ``metadata-format.md`` is a field, a
+validator or a hook below, and every violation comes back as data (the
+marshmallow error dict) before anything can reach a command line. Names that
+end up in ssh or shell commands (nodes, the account, ids) are checked here,
+once, so no later layer has to guess whether they are safe.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from marshmallow import (
+    EXCLUDE,
+    Schema,
+    ValidationError,
+    fields,
+    post_load,
+    pre_load,
+    validate,
+    validates_schema,
+)
+from marshmallow.experimental.context import Context
+
+from mento_fab.metadata import (
+    AsapoInfo,
+    BeamtimeMetadata,
+    MetadataError,
+    OnlineInfo,
+    SlurmInfo,
+    SSHInfo,
+)
+
+log = logging.getLogger(__name__)
+
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+#: RFC 1123 host name: nothing a shell, ssh (``-oX``, ``user@``) or a node set would interpret.
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+#: Portable POSIX user name (no leading dash, at most 32 characters).
+USERNAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+#: Ids, partitions, reservations: safe in paths, job names and command lines.
+IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
+BEAMLINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+
+#: Keys of older files and the names they have now.
+LEGACY_KEYS = {
+    "core-path": "corePath",
+    "event-start": "eventStart",
+    "event-end": "eventEnd",
+    "beamline_alias": "beamlineAlias",
+}
+
+
+@dataclass
+class LoadContext:
+    """Per-load state: where relative ``*Path`` values start, and which files they named."""
+
+    base: Path
+    files: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: marshmallow 4 replaced ``Schema.context`` with context variables.
+LoadingFile = Context[LoadContext]
+
+
+def _shown(value: object, limit: int = 40) -> str:
+    """A bounded, escaped rendering of a bad value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Identifier(fields.Field):
+    """A string id; hand-made files write ids as JSON numbers, the objects hold strings."""
+
+    default_error_messages = {
+        "invalid": "Not a valid id (letters, digits, '_', '.', ':', '+', '-'): {shown}.",
+    }
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise self.make_error("invalid", shown=_shown(value))
+        text = str(value)
+        if not IDENTIFIER_RE.match(text):
+            raise self.make_error("invalid", shown=_shown(value))
+        return text
+
+
+class HostName(fields.String):
+    """A reserved node's host name, validated before it can reach a connection."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not HOSTNAME_RE.match(text):
+            raise ValidationError(f"Not a valid host name: {_shown(text)}.")
+        return text
+
+
+class SessionFile(fields.String):
+    """A ``*Path`` value: relative to the metadata file's directory, held as an absolute path."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        if not text or "\x00" in text:
+            raise ValidationError("Not a valid file path.")
+        context = LoadingFile.get()
+        resolved = str(context.base / text)
+        section = getattr(self.parent, "section", "")
+        context.files.append((f"{section}.{self.data_key or attr}".lstrip("."), resolved))
+        return resolved
+
+
+class _Schema(Schema):
+    class Meta:
+        # Other facilities' tools add keys over the years: accept and ignore them.
+        unknown = EXCLUDE
+
+
+class OnlineAnalysisSchema(_Schema):
+    section = "onlineAnalysis"
+
+    nodes = fields.List(
+        HostName(), data_key="reservedNodes", required=True, validate=validate.Length(min=1)
+    )
+    partition = Identifier(data_key="slurmPartition", required=True)
+    reservation = Identifier(data_key="slurmReservation", required=True)
+    user = fields.String(
+        data_key="userAccount",
+        required=True,
+        validate=validate.Regexp(USERNAME_RE, error="Not a valid POSIX user name."),
+    )
+    key = SessionFile(data_key="sshPrivateKeyPath", required=True)
+    public_key = SessionFile(data_key="sshPublicKeyPath", load_default=None)
+    legacy_asapo_token = SessionFile(data_key="asapoBeamtimeTokenPath", load_default=None)
+
+    @post_load
+    def make_online(self, data: dict[str, Any], **kwargs: Any) -> OnlineInfo:
+        # blfs_mountpoint depends on the beamline: the parent schema fills it in.
+        return OnlineInfo(
+            ssh=SSHInfo(user=data["user"], key=data["key"]),
+            slurm=SlurmInfo(partition=data["partition"], reservation=data["reservation"]),
+            nodes=list(data["nodes"]),
+        )
+
+
+class AsapoSchema(_Schema):
+    section = "asapo"
+
+    endpoint = fields.String(required=True, validate=validate.Length(min=1))
+    token_rw = SessionFile(data_key="beamtimeTokenPath", required=True)
+    token_ro = SessionFile(data_key="beamtimeClbtTokenPath", required=True)
+
+    @post_load
+    def make_asapo(self, data: dict[str, Any], **kwargs: Any) -> AsapoInfo:
+        return AsapoInfo(
+            endpoint=data["endpoint"], token_ro=data["token_ro"], token_rw=data["token_rw"]
+        )
+
+
+class BeamtimeMetadataSchema(_Schema):
+    """A user beamtime (``beamtimeId``) or commissioning (``id``) metadata file."""
+
+    beamline = fields.String(
+        required=True, validate=validate.Regexp(BEAMLINE_RE, error="Not a valid beamline name.")
+    )
+    beamtime_id = Identifier(data_key="beamtimeId", load_default=None)
+    commissioning_id = Identifier(data_key="id", load_default=None)
+    corefs_path = fields.String(data_key="corePath", required=True, validate=validate.Length(min=1))
+    online = fields.Nested(
+        OnlineAnalysisSchema, data_key="onlineAnalysis", allow_none=True, load_default=None
+    )
+    asapo = fields.Nested(AsapoSchema, allow_none=True, load_default=None)
+
+    @pre_load
+    def rename_legacy_keys(self, data: Any, **kwargs: Any) -> Any:
+        if isinstance(data, dict):
+            for old, new in LEGACY_KEYS.items():
+                if old in data and new not in data:
+                    data = {**data, new: data[old]}
+        return data
+
+    @validates_schema
+    def check_session_id(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if data.get("beamtime_id") is not None:
+            return
+        commissioning = data.get("commissioning_id")
+        if commissioning is None:
+            raise ValidationError(
+                "Missing data: neither 'beamtimeId' (user beamtime) nor 'id' (commissioning).",
+                "beamtimeId",
+            )
+        if not commissioning.startswith("c"):
+            raise ValidationError("A commissioning id starts with 'c'.", "id")
+
+    @post_load
+    def make_metadata(self, data: dict[str, Any], **kwargs: Any) -> BeamtimeMetadata:
+        beamline = data["beamline"]
+        online: OnlineInfo | None = data["online"]
+        if online is not None:
+            # A fixed rule of the facility, not a key: commissioning files write "P04".
+            online.blfs_mountpoint = f"/beamline/{beamline.lower()}"
+        if data["beamtime_id"] is not None:
+            beamtime, tag = data["beamtime_id"], "current"
+        else:
+            beamtime, tag = data["commissioning_id"], "commissioning"
+        return BeamtimeMetadata(
+            beamline=beamline,
+            beamtime=beamtime,
+            corefs_path=data["corefs_path"],
+            tag=tag,
+            online=online,
+            asapo=data["asapo"],
+        )
+
+
+def flatten_errors(messages: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """marshmallow's nested error dict as ``(key path, message)`` pairs.
+
+    ``{"onlineAnalysis": {"reservedNodes": {1: [...]}}}`` becomes
+    ``onlineAnalysis.reservedNodes[1]``.
+    """
+    if isinstance(messages, dict):
+        pairs: list[tuple[str, str]] = []
+        for key, value in messages.items():
+            if isinstance(key, int):
+                path = f"{prefix}[{key}]"
+            elif key == "_schema":
+                path = prefix
+            else:
+                path = f"{prefix}.{key}" if prefix else str(key)
+            pairs.extend(flatten_errors(value, path))
+        return pairs
+    if isinstance(messages, list | tuple):
+        return [pair for item in messages for pair in flatten_errors(item, prefix)]
+    return [(prefix or "(top level)", str(messages))]
+
+
+def _read_document(path: Path) -> Any:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Metadata file not found: {path}") from None
+    except IsADirectoryError:
+        raise MetadataError(path, "is a directory, not a metadata file") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise MetadataError(
+            path, f"not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start})"
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MetadataError(
+            path, f"invalid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
+        ) from None
+    except (ValueError, RecursionError) as exc:  # e.g. a 5000-digit number, absurd nesting
+        raise MetadataError(path, f"invalid JSON: {type(exc).__name__}") from None
+
+
+def load_metadata(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMetadata:
+    """Read, validate and load one metadata file (see ``metadata.parse_metadata_file``)."""
+    path = Path(metadatafile_path)
+    document = _read_document(path)
+    if not isinstance(document, dict):
+        kind = {list: "an array", str: "a string", type(None): "null"}.get(
+            type(document), type(document).__name__
+        )
+        raise MetadataError(path, f"the top level must be a JSON object, not {kind}")
+    context = LoadContext(base=path.resolve().parent)
+    try:
+        with LoadingFile(context):
+            md: BeamtimeMetadata = BeamtimeMetadataSchema().load(document)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{key}: {msg.rstrip('.')}" for key, msg in flatten_errors(exc.messages)
+        )
+        raise MetadataError(path, problems, exc.messages) from None
+
+    # Only after the whole file is valid: a missing file is FileNotFoundError, not MetadataError.
+    for key, file in context.files:
+        try:
+            present = os.path.isfile(file)
+        except (OSError, ValueError):
+            present = False
+        if not present:
+            raise FileNotFoundError(f"{file} not found (named by {key} in {path})")
+
+    if md.online is None:
+        log.info("%s: no onlineAnalysis block: no compute nodes reserved", path)
+    if md.asapo is None:
+        log.info("%s: no asapo block: no ASAPO stream for this beamtime", path)
+        online_raw = document.get("onlineAnalysis")
+        if isinstance(online_raw, dict) and "asapoBeamtimeTokenPath" in online_raw:
+            log.info("%s: pre-2021 onlineAnalysis.asapoBeamtimeTokenPath ignored", path)
+    return md
