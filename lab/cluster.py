@@ -9,6 +9,7 @@ restarted without losing the node's state.  The library never imports this packa
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import logging
@@ -39,7 +40,17 @@ ASAPO_ENDPOINT = "asapo-services.lab.invalid:8400"
 LOCAL_DIR = "/srv/local"
 MARKER = ".mentolab"
 
-_DAEMONS = {"sshd", "sleep", "sh", "nsenter", "unshare", "munged", "slurmctld", "slurmd", "slurmstepd"}
+_DAEMONS = {
+    "sshd",
+    "sleep",
+    "sh",
+    "nsenter",
+    "unshare",
+    "munged",
+    "slurmctld",
+    "slurmd",
+    "slurmstepd",
+}
 _NAME_RE = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 _PREFIX_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
 _SUBNET_RE = re.compile(r"^(\d{1,3})\.(\d{1,3})\.(\d{1,3})$")
@@ -49,11 +60,15 @@ class LabError(RuntimeError):
     """The lab could not be brought up, driven or torn down."""
 
 
-def _run(argv: list[str], *, input: str | None = None, check: bool = True) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], *, input: str | None = None, check: bool = True
+) -> subprocess.CompletedProcess[str]:
     """Run a host command; failures carry the command's stderr so errors are actionable."""
     proc = subprocess.run(argv, input=input, capture_output=True, text=True, check=False)
     if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()}")
+        raise LabError(
+            f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()}"
+        )
     return proc
 
 
@@ -72,10 +87,8 @@ def _kill(pids: Iterable[int], *, timeout: float = 5.0) -> None:
     pids = [p for p in pids if p > 1 and p != os.getpid()]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
         deadline = time.monotonic() + (timeout / 2)
         while time.monotonic() < deadline:
             _reap()
@@ -141,7 +154,9 @@ class Lab:
         self.subnet = subnet
         self.slurmctld_port = slurmctld_port
         self.nodes: list[str] = [f"cn{i:02d}" for i in range(1, nodes + 1)]
-        self.addresses: dict[str, str] = {n: f"{subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)}
+        self.addresses: dict[str, str] = {
+            n: f"{subnet}.{10 + i}" for i, n in enumerate(self.nodes, 1)
+        }
         self.host_address = f"{subnet}.1"
         self.bridge = f"{prefix}0"
         self.key = self.workdir / "id_ed25519"
@@ -172,6 +187,11 @@ class Lab:
         """The lab user's (shared) home directory."""
         return Path(pwd.getpwnam(self.user).pw_dir)
 
+    @property
+    def authorized_keys(self) -> Path:
+        """This lab's own authorized_keys file, so labs with other prefixes can run alongside."""
+        return self.home / ".ssh" / f"authorized_keys.{self.prefix}"
+
     def env(self) -> dict[str, str]:
         """Environment variables that point the mento tool at this lab."""
         return {"MENTO_METADATA": str(self.metadata_file), "MENTO_SSH_CONFIG": str(self.ssh_config)}
@@ -184,7 +204,10 @@ class Lab:
         return self.up()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.down()
 
@@ -194,7 +217,9 @@ class Lab:
         A failure half-way tears everything down again before re-raising.
         """
         if os.geteuid() != 0:
-            raise LabError("the lab needs root (network namespaces, bridge, sshd); the library does not")
+            raise LabError(
+                "the lab needs root (network namespaces, bridge, sshd); the library does not"
+            )
         t0 = time.monotonic()
         self._cleanup_leftovers()
         try:
@@ -231,10 +256,8 @@ class Lab:
                 log.warning("unreadable state file %s; cleaning by name", self.state_file)
         root_pids = [p for k, p in self.slurm_pids.items() if not k.startswith("slurmd:")]
         for pidfile in ("munge/munged.pid", "slurm/slurmctld.pid"):
-            try:
+            with contextlib.suppress(OSError, ValueError, IndexError):
                 root_pids.append(int((self.workdir / pidfile).read_text().split()[0]))
-            except (OSError, ValueError, IndexError):
-                pass
         _kill([p for p in root_pids if self._is_ours(p)])
         namespaces = self._lab_namespaces()
         node_pids: list[int] = []
@@ -244,22 +267,26 @@ class Lab:
         _kill(node_pids + list(self.holders.values()) + list(self.sshd.values()))
         _kill(self._workdir_processes())
         if namespaces:
-            _run(["ip", "-force", "-batch", "-"], input="".join(f"netns del {ns}\n" for ns in namespaces), check=False)
+            _run(
+                ["ip", "-force", "-batch", "-"],
+                input="".join(f"netns del {ns}\n" for ns in namespaces),
+                check=False,
+            )
         links = _run(["ip", "-o", "link", "show"], check=False).stdout
         stale = re.findall(rf"^\d+: ({re.escape(self.prefix)}(?:0|v\d+))[@:]", links, re.M)
         for link in stale:
             _run(["ip", "link", "del", link], check=False)
         for proc in self._procs.values():
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                pass
         _reap()
         self._procs.clear()
         self.holders.clear()
         self.sshd.clear()
         self.slurm_pids.clear()
         self.state_file.unlink(missing_ok=True)
+        with contextlib.suppress(KeyError, OSError):
+            self.authorized_keys.unlink(missing_ok=True)
         left = self.leftovers()
         if left:
             raise LabError(f"lab teardown left things behind: {left}")
@@ -269,7 +296,10 @@ class Lab:
         """Namespaces, links and processes of this lab that still exist (empty after ``down``)."""
         left = [f"netns {ns}" for ns in self._lab_namespaces()]
         links = _run(["ip", "-o", "link", "show"], check=False).stdout
-        left += [f"link {m}" for m in re.findall(rf"^\d+: ({re.escape(self.prefix)}(?:0|v\d+))[@:]", links, re.M)]
+        left += [
+            f"link {m}"
+            for m in re.findall(rf"^\d+: ({re.escape(self.prefix)}(?:0|v\d+))[@:]", links, re.M)
+        ]
         left += [f"process {p}" for p in self._workdir_processes()]
         return left
 
@@ -295,8 +325,10 @@ class Lab:
 
     def is_up(self) -> bool:
         """True when every node's namespace holder and sshd are running."""
-        return bool(self.holders) and all(_alive(self.holders.get(n, 0)) for n in self.nodes) and all(
-            _alive(self.sshd.get(n, 0)) for n in self.nodes
+        return (
+            bool(self.holders)
+            and all(_alive(self.holders.get(n, 0)) for n in self.nodes)
+            and all(_alive(self.sshd.get(n, 0)) for n in self.nodes)
         )
 
     def status(self) -> dict[str, dict[str, Any]]:
@@ -334,7 +366,12 @@ class Lab:
             if pid in own or not _alive(pid):
                 continue
             try:
-                cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                cmd = (
+                    Path(f"/proc/{pid}/cmdline")
+                    .read_bytes()
+                    .replace(b"\0", b" ")
+                    .decode(errors="replace")
+                )
             except OSError:
                 continue
             result[pid] = cmd.strip()
@@ -381,15 +418,21 @@ class Lab:
         pub = (self.node_dir(node) / "ssh_host_ed25519_key.pub").read_text().split()
         return f"{pub[0]} {pub[1]}"
 
-    def ssh(self, node: str, command: str, *, timeout: float = 30, **kw: Any) -> subprocess.CompletedProcess[str]:
+    def ssh(
+        self, node: str, command: str, *, timeout: float = 30, **kw: Any
+    ) -> subprocess.CompletedProcess[str]:
         """Run a command on a node with the real OpenSSH client, as the lab user."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("check", False)
-        return subprocess.run(["ssh", "-F", str(self.ssh_config), node, command], timeout=timeout, **kw)
+        return subprocess.run(
+            ["ssh", "-F", str(self.ssh_config), node, command], timeout=timeout, **kw
+        )
 
     # -------------------------------------------------------------- sessions
-    def make_session(self, dest: Path | str, nodes: list[str] | None = None, **overrides: Any) -> Path:
+    def make_session(
+        self, dest: Path | str, nodes: list[str] | None = None, **overrides: Any
+    ) -> Path:
         """Write a session tree ``dest/gpfs/current/beamtime-metadata-<id>.json`` + ``shared/``.
 
         ``nodes`` (default: all) become ``onlineAnalysis.reservedNodes``.  ``overrides``
@@ -421,8 +464,13 @@ class Lab:
         now = datetime.datetime.now().replace(microsecond=0)
         fmt = "%Y-%m-%d %H:%M:%S"
         doc: dict[str, Any] = {
-            "applicant": {"email": "a@lab.invalid", "institute": "Lab", "lastname": "Doe",
-                          "userId": "100001", "username": "jdoe"},
+            "applicant": {
+                "email": "a@lab.invalid",
+                "institute": "Lab",
+                "lastname": "Doe",
+                "userId": "100001",
+                "username": "jdoe",
+            },
             "asapo": {
                 "beamtimeClbtTokenPath": "shared/asapo-token-clbt.txt",
                 "beamtimeTokenPath": "shared/asapo-token.txt",
@@ -437,8 +485,13 @@ class Lab:
             "eventStart": now.strftime(fmt),
             "facility": "PETRA III",
             "generated": now.strftime(fmt),
-            "leader": {"email": "l@lab.invalid", "institute": "Lab", "lastname": "Roe",
-                       "userId": "100002", "username": "rroe"},
+            "leader": {
+                "email": "l@lab.invalid",
+                "institute": "Lab",
+                "lastname": "Roe",
+                "userId": "100002",
+                "username": "rroe",
+            },
             "onlineAnalysis": {
                 "reservedNodes": nodes,
                 "slurmPartition": self.partition,
@@ -447,8 +500,13 @@ class Lab:
                 "sshPublicKeyPath": "shared/id_rsa.pub",
                 "userAccount": self.user,
             },
-            "pi": {"email": "p@lab.invalid", "institute": "Lab", "lastname": "Poe",
-                   "userId": "100003", "username": "ppoe"},
+            "pi": {
+                "email": "p@lab.invalid",
+                "institute": "Lab",
+                "lastname": "Poe",
+                "userId": "100003",
+                "username": "ppoe",
+            },
             "proposalId": "20260001",
             "proposalType": "I",
             "retentionPeriod": "default",
@@ -463,7 +521,10 @@ class Lab:
                 doc[key] = {**doc[key], **value}
             else:
                 doc[key] = value
-        doc.setdefault("corePath", f"/asap3/petra3/gpfs/{doc.get('beamline', BEAMLINE)}/2026/data/{doc.get('beamtimeId')}")
+        doc.setdefault(
+            "corePath",
+            f"/asap3/petra3/gpfs/{doc.get('beamline', BEAMLINE)}/2026/data/{doc.get('beamtimeId')}",
+        )
         doc = dict(sorted(doc.items()))
         for old in meta_dir.glob("*metadata*.json"):
             old.unlink()
@@ -499,7 +560,11 @@ class Lab:
         """Start a long-running daemon detached from our session, logging to logfile."""
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         self._procs[proc.pid] = proc
         return proc.pid
@@ -518,7 +583,12 @@ class Lab:
         me = {os.getpid(), os.getppid()}
         pids = []
         for entry in os.listdir("/proc"):
-            if entry.isdigit() and int(entry) not in me and self._is_ours(int(entry)) and _alive(int(entry)):
+            if (
+                entry.isdigit()
+                and int(entry) not in me
+                and self._is_ours(int(entry))
+                and _alive(int(entry))
+            ):
                 pids.append(int(entry))
         return pids
 
@@ -534,7 +604,9 @@ class Lab:
     def _prepare_workdir(self) -> None:
         wd = self.workdir
         if wd.exists() and any(wd.iterdir()) and not (wd / MARKER).exists():
-            raise LabError(f"{wd} exists, is not empty and is not a lab work dir; refusing to wipe it")
+            raise LabError(
+                f"{wd} exists, is not empty and is not a lab work dir; refusing to wipe it"
+            )
         if wd.exists():
             shutil.rmtree(wd)
         for d in (wd, wd / "nodes"):
@@ -549,7 +621,18 @@ class Lab:
             pw = pwd.getpwnam(self.user)
         except KeyError:
             home = f"/home/{self.user}"
-            _run(["useradd", "--create-home", "--home-dir", home, "--shell", "/bin/bash", "--user-group", self.user])
+            _run(
+                [
+                    "useradd",
+                    "--create-home",
+                    "--home-dir",
+                    home,
+                    "--shell",
+                    "/bin/bash",
+                    "--user-group",
+                    self.user,
+                ]
+            )
             pw = pwd.getpwnam(self.user)
         # '*': no password, but not "locked", which sshd refuses with UsePAM no.
         _run(["usermod", "-p", "*", self.user])
@@ -564,18 +647,43 @@ class Lab:
 
     def _write_keys_and_configs(self) -> None:
         pw = pwd.getpwnam(self.user)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{self.user}@mento-lab", "-f", str(self.key)])
+        _run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                f"{self.user}@mento-lab",
+                "-f",
+                str(self.key),
+            ]
+        )
 
         def host_key(node: str) -> None:
             d = self.node_dir(node)
             d.mkdir(parents=True, exist_ok=True)
-            _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-host",
-                  "-f", str(d / "ssh_host_ed25519_key")])
+            _run(
+                [
+                    "ssh-keygen",
+                    "-q",
+                    "-t",
+                    "ed25519",
+                    "-N",
+                    "",
+                    "-C",
+                    f"{node}-host",
+                    "-f",
+                    str(d / "ssh_host_ed25519_key"),
+                ]
+            )
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(host_key, self.nodes))
 
-        auth = Path(pw.pw_dir) / ".ssh" / "authorized_keys"
+        auth = self.authorized_keys
         auth.write_text(self.key.with_suffix(".pub").read_text())
         os.chown(auth, pw.pw_uid, pw.pw_gid)
         os.chmod(auth, 0o600)
@@ -617,7 +725,7 @@ class Lab:
             f"ListenAddress {self.addresses[node]}:22",
             f"HostKey {d / 'ssh_host_ed25519_key'}",
             f"PidFile {d / 'sshd.pid'}",
-            f"AuthorizedKeysFile {self.home}/.ssh/authorized_keys",
+            f"AuthorizedKeysFile {self.authorized_keys}",
             f"AllowUsers {self.user}",
             "PermitRootLogin no",
             "PubkeyAuthentication yes",
@@ -658,19 +766,31 @@ class Lab:
         for n in self.nodes:
             d = self.node_dir(n)
             ready = d / "ready"
-            script = "; ".join([
-                "set -e",
-                f"hostname {n}",
-                f"mount -t tmpfs -o size=512m,mode=1777 {self.prefix}-local {LOCAL_DIR}",
-                f"mount --bind {self.hosts_file} /etc/hosts",
-                "ip link set lo up",
-                f"ip addr add {self.addresses[n]}/24 dev eth0",
-                "ip link set eth0 up",
-                f": > {ready}",
-                "exec sleep infinity",
-            ])
-            argv = ["nsenter", f"--net=/run/netns/{self.netns(n)}",
-                    "unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script]
+            script = "; ".join(
+                [
+                    "set -e",
+                    f"hostname {n}",
+                    f"mount -t tmpfs -o size=512m,mode=1777 {self.prefix}-local {LOCAL_DIR}",
+                    f"mount --bind {self.hosts_file} /etc/hosts",
+                    "ip link set lo up",
+                    f"ip addr add {self.addresses[n]}/24 dev eth0",
+                    "ip link set eth0 up",
+                    f": > {ready}",
+                    "exec sleep infinity",
+                ]
+            )
+            argv = [
+                "nsenter",
+                f"--net=/run/netns/{self.netns(n)}",
+                "unshare",
+                "--uts",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                script,
+            ]
             self.holders[n] = self._spawn(argv, d / "holder.log")
         deadline = time.monotonic() + 20
         pending = list(self.nodes)
@@ -686,7 +806,15 @@ class Lab:
 
     def _spawn_sshd(self, node: str) -> None:
         d = self.node_dir(node)
-        argv = self._nsenter(node) + ["/usr/sbin/sshd", "-D", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")]
+        argv = [
+            *self._nsenter(node),
+            "/usr/sbin/sshd",
+            "-D",
+            "-f",
+            str(d / "sshd_config"),
+            "-E",
+            str(d / "sshd.log"),
+        ]
         self.sshd[node] = self._spawn(argv, d / "sshd.out")
 
     def _wait_ssh(self, nodes: list[str], timeout: float = 20) -> None:
