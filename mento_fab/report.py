@@ -1,0 +1,78 @@
+"""Turn a RunReport into what people and scripts read: gathered text, a summary, JSON.
+
+Gathering is ClusterShell's MsgTree (what ``clush -b`` uses): nodes whose output
+is identical are shown once, under their folded node set.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+from ClusterShell.MsgTree import MsgTree
+from ClusterShell.NodeSet import NodeSet
+
+from mento_fab.runner import NodeResult, RunReport
+
+__all__ = ["gathered", "problems", "summary", "summary_line", "to_json"]
+
+
+def gathered(results: Iterable[NodeResult], stream: str = "stdout") -> Iterator[tuple[str, str]]:
+    """``(node set, text)`` for each distinct output, nodes with the same output folded."""
+    tree = MsgTree()
+    for result in results:
+        text: str = getattr(result, stream)
+        if not text:
+            continue
+        for line in text.rstrip("\n").split("\n"):
+            tree.add(result.node, line.encode())
+    for message, keys in tree.walk():
+        yield str(NodeSet.fromlist(keys)), bytes(message).decode("utf-8", "replace")
+
+
+def _grouped(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    for node, reason in pairs:
+        by_reason[reason].append(node)
+    return [(str(NodeSet.fromlist(nodes)), reason) for reason, nodes in by_reason.items()]
+
+
+def summary(report: RunReport) -> dict[str, Any]:
+    return {
+        "nodes": len(report.results),
+        "ok": len(report.succeeded),
+        "failed": len(report.failed),
+        "unreachable": len(report.unreachable),
+        "exit_status": report.exit_status,
+        "seconds": round(report.seconds, 4),
+    }
+
+
+def summary_line(report: RunReport) -> str:
+    """``4 nodes: 3 ok, 1 failed (cn02 exit 1), 0 unreachable``."""
+    failed = _grouped((r.node, f"exit {r.exit}") for r in report.failed)
+    failed_text = ", ".join(f"{nodes} {why}" for nodes, why in failed)
+    unreachable = str(NodeSet.fromlist([r.node for r in report.unreachable]))
+    count = len(report.results)
+    return (
+        f"{count} node{'s' if count != 1 else ''}: {len(report.succeeded)} ok, "
+        f"{len(report.failed)} failed{f' ({failed_text})' if failed_text else ''}, "
+        f"{len(report.unreachable)} unreachable{f' ({unreachable})' if unreachable else ''}"
+    )
+
+
+def problems(report: RunReport) -> list[str]:
+    """One line per distinct error, nodes folded: ``cn[03-04]: connect timed out after 10 s``."""
+    grouped = _grouped((r.node, r.error) for r in report.unreachable if r.error)
+    return [f"{nodes}: {reason}" for nodes, reason in grouped]
+
+
+def to_json(report: RunReport, **extra: Any) -> dict[str, Any]:
+    """The shared JSON shape: ``{"command", "nodes": [...], "summary": {...}}`` plus ``extra``."""
+    return {
+        "command": report.command,
+        **extra,
+        "nodes": [r.as_dict() for r in report.results],
+        "summary": summary(report),
+    }

@@ -1,0 +1,148 @@
+"""What every task shares: settings precedence, metadata and group from options, errors.
+
+Precedence (design.md): task option > environment (``MENTO_METADATA``,
+``MENTO_ROOT_DIR``, ``MENTO_SSH_CONFIG``) > invoke config (``mento_fab.*``) >
+default. Bad input ends the task with one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from invoke import Context, Exit
+
+from mento_fab.metadata import BeamtimeMetadata, MetadataError, locate_metadata_file
+from mento_fab.nodes import SelectionError
+
+ENVIRONMENT = {
+    "metadata": "MENTO_METADATA",
+    "root_dir": "MENTO_ROOT_DIR",
+    "ssh_config": "MENTO_SSH_CONFIG",
+}
+DEFAULTS: dict[str, Any] = {
+    "root_dir": "/gpfs",
+    "fanout": 32,
+    "connect_timeout": 10.0,
+    "host_keys": "accept-new",
+}
+BAD_INPUT = 2
+
+#: Option help shared by every task.
+COMMON_HELP = {
+    "root_dir": "directory above the session (default /gpfs; env MENTO_ROOT_DIR)",
+    "metadata": "metadata file to use; wins over --root-dir (env MENTO_METADATA)",
+    "json": "print JSON for scripts instead of text",
+}
+NODE_HELP = {
+    **COMMON_HELP,
+    "nodes": "node set to use, e.g. 'cn[01-03]' (default: all reserved nodes)",
+    "exclude": "node set to leave out",
+    "fanout": "how many nodes at once (default 32)",
+    "connect_timeout": "seconds to wait for a node to connect and log in (default 10)",
+    "host_keys": "accept-new (default), strict, or off",
+    "ssh_config": "ssh_config file to use (env MENTO_SSH_CONFIG)",
+    "known_hosts": "known_hosts file (default: ssh_config's UserKnownHostsFile or ~/.ssh/known_hosts)",
+}
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def setting(c: Context, name: str, option: Any = None) -> Any:
+    """Resolve one setting by the documented precedence."""
+    if option is not None:
+        return option
+    env = ENVIRONMENT.get(name)
+    if env and os.environ.get(env):
+        return os.environ[env]
+    section = c.config.get("mento_fab") or {}
+    value = section.get(name) if hasattr(section, "get") else None
+    return DEFAULTS.get(name) if value is None else value
+
+
+def metadata_file(c: Context, root_dir: str | None, metadata: str | None) -> str:
+    """The metadata file the options point at (the file wins over the root dir)."""
+    chosen = setting(c, "metadata", metadata)
+    if chosen:
+        return str(chosen)
+    # An explicit --root-dir beats $MENTO_METADATA from the environment.
+    if root_dir is not None:
+        return locate_metadata_file(root_dir)
+    return locate_metadata_file(setting(c, "root_dir"))
+
+
+def load(c: Context, root_dir: str | None, metadata: str | None) -> tuple[BeamtimeMetadata, str]:
+    from mento_fab.metadata import parse_metadata_file
+
+    path = metadata_file(c, root_dir, metadata)
+    return parse_metadata_file(path), path
+
+
+def group(
+    c: Context,
+    md: BeamtimeMetadata,
+    *,
+    nodes: str | None = None,
+    exclude: str | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+) -> Any:
+    """A nodes_group from task options."""
+    from mento_fab.nodes import HostKeyPolicy, nodes_group
+
+    policy = setting(c, "host_keys", host_keys)
+    try:
+        policy = HostKeyPolicy(policy)
+    except ValueError:
+        raise ValueError(f"--host-keys must be accept-new, strict or off, not {policy!r}") from None
+    return nodes_group(
+        md,
+        nodes=nodes,
+        exclude=exclude,
+        ssh_config=setting(c, "ssh_config", ssh_config),
+        known_hosts=known_hosts or setting(c, "known_hosts"),
+        host_keys=policy,
+        connect_timeout=float(setting(c, "connect_timeout", connect_timeout)),
+    )
+
+
+def print_json(data: Any) -> None:
+    json.dump(data, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
+def is_tty(stream: Any = None) -> bool:
+    stream = stream or sys.stderr
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def friendly(func: F) -> F:
+    """Turn bad input and group failures into one line and an exit status, not a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from fabric.exceptions import GroupException
+
+        try:
+            return func(*args, **kwargs)
+        except (MetadataError, SelectionError, FileNotFoundError, RuntimeError, ValueError) as exc:
+            raise Exit(f"mento-fab: {exc}", code=BAD_INPUT) from None
+        except PermissionError as exc:
+            raise Exit(f"mento-fab: {exc}", code=BAD_INPUT) from None
+        except GroupException as exc:
+            failed = sorted(
+                f"{getattr(conn, 'original_host', conn.host)}: {type(result).__name__}: {result}"
+                for conn, result in exc.result.items()
+                if isinstance(result, BaseException)
+            )
+            raise Exit("mento-fab: " + "; ".join(failed), code=255) from None
+        except KeyboardInterrupt:
+            raise Exit("mento-fab: interrupted", code=130) from None
+
+    return wrapper  # type: ignore[return-value]

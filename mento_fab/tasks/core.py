@@ -1,0 +1,195 @@
+"""``info``, ``check`` and ``run-on-nodes``: read the beamtime, test it, use it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from invoke import Context, Exit, task
+
+from mento_fab.tasks import _common as common
+from mento_fab.tasks import console
+
+
+@task(help=common.COMMON_HELP)
+@common.friendly
+def info(c: Context, root_dir: str | None = None, metadata: str | None = None, json: bool = False):
+    """Show the active beamtime: ids, paths, reserved nodes, Slurm, ASAPO (token paths only)."""
+    from mento_fab.nodes import fold
+
+    md, path = common.load(c, root_dir, metadata)
+    online, asapo = md.online, md.asapo
+    if json:
+        data = {"metadata_file": path, **dataclasses.asdict(md)}
+        if online is not None:
+            data["online"]["nodeset"] = fold(online.nodes)
+        common.print_json(data)
+        return
+    rows = [
+        ("Beamline", md.beamline),
+        ("Beamtime", md.beamtime),
+        ("Session", md.tag),
+        ("Core path", md.corefs_path),
+        ("Metadata", path),
+    ]
+    if online is None:
+        rows.append(("Nodes", "none reserved (no onlineAnalysis block)"))
+    else:
+        rows += [
+            ("Nodes", f"{fold(online.nodes)} ({len(set(online.nodes))})"),
+            ("Partition", online.slurm.partition),
+            ("Reservation", online.slurm.reservation),
+            ("User", online.ssh.user),
+            ("SSH key", online.ssh.key),
+            ("Beamline FS", online.blfs_mountpoint or ""),
+        ]
+    if asapo is None:
+        rows.append(("ASAPO", "no stream (no asapo block)"))
+    else:
+        rows += [
+            ("ASAPO", asapo.endpoint),
+            ("Token rw", asapo.token_rw),
+            ("Token ro", asapo.token_ro),
+        ]
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key.ljust(width)}  {value}")
+
+
+@task(help=common.NODE_HELP)
+@common.friendly
+def check(
+    c: Context,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    nodes: str | None = None,
+    exclude: str | None = None,
+    fanout: int | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    json: bool = False,
+):
+    """Is the beamtime ready? Key file, and per node: login, round trip, home, beamline FS."""
+    from mento_fab.check import check_beamtime
+
+    md, path = common.load(c, root_dir, metadata)
+    grp = common.group(
+        c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
+        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
+    )  # fmt: skip
+    try:
+        fan = int(common.setting(c, "fanout", fanout))
+        with console.Progress(len(grp), "checking"):
+            result = check_beamtime(md, grp, metadata_file=path, fanout=fan)
+    finally:
+        grp.close()
+    if json:
+        common.print_json(result.as_dict())
+    else:
+        print(f"metadata  {path}: valid")
+        print(f"ssh key   {result.key_problem or result.key + ': ok'}")
+        rows = []
+        for n in result.nodes:
+            state = "ready" if n.ready else "NOT READY"
+            notes = "; ".join(([n.error] if n.error else []) + n.warnings)
+            rows.append([
+                n.node,
+                state,
+                "yes" if n.login else "no",
+                f"{n.rtt * 1000:.1f} ms" if n.rtt is not None else "-",
+                {True: "yes", False: "no", None: "-"}[n.home_writable],
+                {True: "yes", False: "no", None: "-"}[n.blfs_mounted],
+                notes,
+            ])  # fmt: skip
+        console.print_table(
+            f"{md.beamline} {md.beamtime}: nodes",
+            ["node", "state", "login", "rtt", "home", result.blfs_mountpoint, "notes"],
+            rows,
+        )
+        ready = sum(n.ready for n in result.nodes)
+        verdict = "READY" if result.ready else "NOT READY"
+        print(f"{verdict}: {ready}/{len(result.nodes)} nodes ready")
+    if result.exit_status:
+        raise Exit(code=result.exit_status)
+
+
+@task(
+    help={
+        **common.NODE_HELP,
+        "command": "the shell command to run on every node",
+        "stream": "print lines live, prefixed by node, instead of gathered output",
+        "timeout": "seconds after which the command is killed on the node",
+        "env": "NAME=VALUE set for the command (repeatable)",
+        "via": "ssh (default) or slurm (one srun in the reservation)",
+    },
+    iterable=["env"],
+)
+@common.friendly
+def run_on_nodes(
+    c: Context,
+    command: str,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    nodes: str | None = None,
+    exclude: str | None = None,
+    fanout: int | None = None,
+    timeout: float | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    env: list[str] | None = None,
+    stream: bool = False,
+    json: bool = False,
+    via: str = "ssh",
+):
+    """Run COMMAND on every reserved node; identical outputs are shown once per node set."""
+    from mento_fab import report as reporting
+    from mento_fab.runner import run
+
+    environment = {}
+    for item in env or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--env takes NAME=VALUE, not {item!r}")
+        environment[name] = value
+    if via not in ("ssh", "slurm"):
+        raise ValueError(f"--via must be ssh or slurm, not {via!r}")
+    md, _ = common.load(c, root_dir, metadata)
+    grp = common.group(
+        c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
+        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
+    )  # fmt: skip
+    on_line = console.stream_printer() if stream and not json else None
+    try:
+        progress = console.Progress(
+            len(grp), "running", enabled=None if not (stream or json) else False
+        )
+        with progress:
+            if via == "slurm":
+                from mento_fab.slurm import run_via_slurm
+
+                result = run_via_slurm(
+                    grp, md, command, timeout=timeout, env=environment, on_line=on_line
+                )
+            else:
+                result = run(
+                    grp,
+                    command,
+                    fanout=int(common.setting(c, "fanout", fanout)),
+                    timeout=timeout,
+                    env=environment,
+                    on_line=on_line,
+                    on_result=progress.advance,
+                )
+    finally:
+        grp.close()
+    if json:
+        common.print_json(reporting.to_json(result))
+    else:
+        if not stream:
+            console.print_gathered(result)
+        console.print_summary(result)
+    if result.exit_status:
+        raise Exit(code=result.exit_status)
