@@ -46,7 +46,7 @@ NODE_HELP = {
     "connect_timeout": "seconds to wait for a node to connect and log in (default 10)",
     "host_keys": "accept-new (default), strict, or off",
     "ssh_config": "ssh_config file to use (env MENTO_SSH_CONFIG)",
-    "known_hosts": "known_hosts file (default: ssh_config's UserKnownHostsFile or ~/.ssh/known_hosts)",
+    "known_hosts": "known_hosts file (default: ssh_config's UserKnownHostsFile, ~/.ssh/known_hosts)",
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -142,6 +142,10 @@ def friendly(func: F) -> F:
                 if isinstance(result, BaseException)
             )
             raise Exit("mento-fab: " + "; ".join(failed), code=255) from None
+        except BrokenPipeError:  # `mento-fab ... | head`: stop quietly, like other tools
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise Exit(code=141) from None
         except KeyboardInterrupt:
             raise Exit("mento-fab: interrupted", code=130) from None
 
