@@ -46,7 +46,7 @@ NODE_HELP = {
     "connect_timeout": "seconds to wait for a node to connect and log in (default 10)",
     "host_keys": "accept-new (default), strict, or off",
     "ssh_config": "ssh_config file to use (env MENTO_SSH_CONFIG)",
-    "known_hosts": "known_hosts file (default: ssh_config's UserKnownHostsFile, ~/.ssh/known_hosts)",
+    "known_hosts": "known_hosts file (default: ssh_config UserKnownHostsFile, ~/.ssh/known_hosts)",
 }
 
 F = TypeVar("F", bound=Callable[..., Any])
