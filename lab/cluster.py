@@ -61,10 +61,14 @@ class LabError(RuntimeError):
 
 
 def _run(
-    argv: list[str], *, input: str | None = None, check: bool = True
+    argv: list[str],
+    *,
+    input: str | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run a host command; failures carry the command's stderr so errors are actionable."""
-    proc = subprocess.run(argv, input=input, capture_output=True, text=True, check=False)
+    proc = subprocess.run(argv, input=input, capture_output=True, text=True, check=False, env=env)
     if check and proc.returncode != 0:
         raise LabError(
             f"{' '.join(argv[:4])} ... failed ({proc.returncode}): {proc.stderr.strip()}"
