@@ -11,12 +11,15 @@ silent ``AutoAddPolicy``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
 import threading
 from collections.abc import Iterable
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import fabric
 import paramiko
@@ -28,6 +31,7 @@ __all__ = [
     "HostKeyPolicy",
     "HostKeyRefused",
     "KnownHosts",
+    "NodeConnection",
     "SelectionError",
     "connection_node",
     "fold",
@@ -91,12 +95,20 @@ def load_metadata(
     metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
     root_dir: str | os.PathLike[str] | None = None,
 ) -> BeamtimeMetadata:
-    """A metadata object from an object, a file path, or the active session (file wins)."""
+    """A metadata object from an object, a file, or the active session (a file wins).
+
+    With neither given, ``$MENTO_METADATA`` then ``$MENTO_ROOT_DIR`` (then ``/gpfs``)
+    apply, as for the command line.
+    """
     if isinstance(metadata, BeamtimeMetadata):
         return metadata
+    if metadata is None and root_dir is None:
+        metadata = os.environ.get("MENTO_METADATA") or None
     if metadata is not None:
         return parse_metadata_file(metadata)
-    return get_beamtime_metadata(root_dir if root_dir is not None else "/gpfs")
+    if root_dir is None:
+        root_dir = os.environ.get("MENTO_ROOT_DIR") or "/gpfs"
+    return get_beamtime_metadata(root_dir)
 
 
 def connection_node(conn: fabric.Connection) -> str:
@@ -195,6 +207,24 @@ class _PolicyForNode(paramiko.MissingHostKeyPolicy):
         self.known.add(names, key)
 
 
+class NodeConnection(fabric.Connection):
+    """A fabric Connection that sets TCP_NODELAY once open.
+
+    SSH sends a command as several small packets (channel open, exec, EOF); with
+    Nagle's algorithm on, each waits for the server's delayed ACK, which costs
+    about 40 ms per command on an open connection. Without it a ``true`` on an
+    open connection takes a few milliseconds.
+    """
+
+    def open(self) -> Any:
+        result = super().open()
+        sock = getattr(self.transport, "sock", None)
+        if isinstance(sock, socket.socket):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return result
+
+
 def _load_key(path: str) -> paramiko.PKey:
     """Load the temporary account's key once for the whole group (not once per node)."""
     try:
@@ -256,7 +286,7 @@ def nodes_group(
 
     connections = []
     for node in selected:
-        conn = fabric.Connection(
+        conn = NodeConnection(
             node,
             user=md.online.ssh.user,
             config=config,

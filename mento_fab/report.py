@@ -18,7 +18,7 @@ from mento_fab.runner import NodeResult, RunReport
 __all__ = ["gathered", "problems", "summary", "summary_line", "to_json"]
 
 
-def gathered(results: Iterable[NodeResult], stream: str = "stdout") -> Iterator[tuple[str, str]]:
+def gathered(results: list[NodeResult], stream: str = "stdout") -> Iterator[tuple[str, str]]:
     """``(node set, text)`` for each distinct output, nodes with the same output folded."""
     tree = MsgTree()
     for result in results:
@@ -27,7 +27,9 @@ def gathered(results: Iterable[NodeResult], stream: str = "stdout") -> Iterator[
             continue
         for line in text.rstrip("\n").split("\n"):
             tree.add(result.node, line.encode())
-    for message, keys in tree.walk():
+    order = {r.node: i for i, r in enumerate(results)}
+    groups = [(sorted(keys, key=order.__getitem__), message) for message, keys in tree.walk()]
+    for keys, message in sorted(groups, key=lambda group: order[group[0][0]]):
         yield str(NodeSet.fromlist(keys)), bytes(message).decode("utf-8", "replace")
 
 
