@@ -44,6 +44,7 @@ def nodes_of(nodeset: str) -> list[str]:
 
 def print_summary(report: RunReport, err: TextIO | None = None) -> None:
     err = err or sys.stderr
+    sys.stdout.flush()  # the summary comes after the output, also on a shared terminal
     for line in reporting.problems(report):
         print(line, file=err)
     print(reporting.summary_line(report), file=err)
