@@ -10,6 +10,7 @@ restarted without losing the node's state.  The library never imports this packa
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import datetime
 import json
 import logging
@@ -39,6 +40,7 @@ RESERVATION = BEAMTIME_ID
 ASAPO_ENDPOINT = "asapo-services.lab.invalid:8400"
 LOCAL_DIR = "/srv/local"
 MARKER = ".mentolab"
+PR_SET_CHILD_SUBREAPER = 36
 
 _DAEMONS = {
     "sshd",
@@ -95,7 +97,6 @@ def _kill(pids: Iterable[int], *, timeout: float = 5.0) -> None:
                 os.kill(pid, sig)
         deadline = time.monotonic() + (timeout / 2)
         while time.monotonic() < deadline:
-            _reap()
             pids = [p for p in pids if _alive(p)]
             if not pids:
                 return
@@ -105,7 +106,11 @@ def _kill(pids: Iterable[int], *, timeout: float = 5.0) -> None:
 
 
 def _reap() -> None:
-    """Collect our own exited children so they do not linger as zombies."""
+    """Collect every exited child, also orphans adopted as child subreaper.
+
+    Only called from ``down``: reaping any child could steal the exit status of a
+    subprocess another thread is waiting for.
+    """
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)
@@ -113,6 +118,18 @@ def _reap() -> None:
             return
         if pid == 0:
             return
+
+
+def _become_subreaper() -> None:
+    """Adopt orphans of the lab (daemonized slurmstepd, nohup'd jobs) instead of init.
+
+    Init does not always reap (e.g. in some VMs); as subreaper we collect them in ``down``.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    except (OSError, AttributeError):
+        log.debug("could not become child subreaper")
 
 
 def _ssh_banner(address: str, port: int = 22, timeout: float = 0.5) -> bool:
@@ -225,6 +242,7 @@ class Lab:
                 "the lab needs root (network namespaces, bridge, sshd); the library does not"
             )
         t0 = time.monotonic()
+        _become_subreaper()
         self._cleanup_leftovers()
         try:
             self._prepare_workdir()

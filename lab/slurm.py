@@ -51,7 +51,9 @@ def write_config(lab: Lab) -> None:
     for d in (munge, slurm):
         if d.exists():
             shutil.rmtree(d)
-    for d in (munge, slurm, slurm / "state", slurm / "spool", slurm / "log", slurm / "run"):
+    dirs = [munge, slurm, *(slurm / d for d in ("state", "spool", "log", "run"))]
+    dirs += [slurm / "spool" / n for n in lab.nodes]
+    for d in dirs:
         d.mkdir(parents=True)
         os.chmod(d, 0o755)  # lab user needs o+x to reach the munge socket and slurm.conf
     key = munge / "munge.key"
@@ -98,11 +100,13 @@ def write_config(lab: Lab) -> None:
         "SwitchType=switch/none",
         "SlurmdParameters=config_overrides",
         "TreeWidth=64",
+        "MailProg=/bin/true",
     ]
     for n in lab.nodes:
         lines.append(f"NodeName={n} NodeAddr={lab.addresses[n]} CPUs={CPUS} State=UNKNOWN")
     lines.append(
-        f"PartitionName={lab.partition} Nodes={_hostlist(lab)} Default=YES MaxTime=INFINITE State=UP"
+        f"PartitionName={lab.partition} Nodes={_hostlist(lab)}"
+        " Default=YES MaxTime=INFINITE State=UP"
     )
     (slurm / "slurm.conf").write_text("\n".join(lines) + "\n")
     os.chmod(slurm / "slurm.conf", 0o644)

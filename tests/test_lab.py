@@ -158,16 +158,26 @@ def test_from_state_reattaches(lab: Lab) -> None:
 
 def test_teardown_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     """A second small lab next to the session's: crash it, then clean it from its state."""
-    small = Lab(tmp_path / "w", 2, prefix="mentotd", subnet="198.18.3", slurmctld_port=6837)
+    small = Lab(
+        tmp_path / "w", 2, slurm=True, prefix="mentotd", subnet="198.18.3", slurmctld_port=6837
+    )
     small.up()
     try:
         assert small.ssh("cn02", "hostname").stdout.strip() == "cn02"
+        daemons = dict(small.slurm_pids)
+        assert set(daemons) == {"munged", "slurmctld", "slurmd:cn01", "slurmd:cn02"}
         # A user process that outlives its session must not survive the teardown.
         small.ssh("cn01", "nohup sleep 600 >/dev/null 2>&1 </dev/null &")
         assert small.node_pids("cn01")
         # Simulate a crashed run: forget everything, reattach by state file only.
         Lab(tmp_path / "w", 2, prefix="mentotd", subnet="198.18.3").down()
         assert small.leftovers() == []
+        assert not [
+            p
+            for p in daemons.values()
+            if Path(f"/proc/{p}/status").exists()
+            and "State:\tZ" not in Path(f"/proc/{p}/status").read_text()
+        ]
         # Again without any state file: found by name.
         small.up()
         small.state_file.unlink()
@@ -181,3 +191,31 @@ def test_teardown_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     assert "mentotd" not in links
     assert "mentotd-local" not in Path("/proc/mounts").read_text()
     assert lab.is_up()  # the session's lab is untouched
+
+
+@pytest.mark.slurm
+def test_srun_over_ssh_reaches_every_reserved_node(slurm_lab: Lab, slurm_session: Path) -> None:
+    doc = json.loads(slurm_session.read_text())["onlineAnalysis"]
+    nodes = doc["reservedNodes"]
+    cmd = (
+        f"srun --reservation={doc['slurmReservation']} -p {doc['slurmPartition']}"
+        f" -N {len(nodes)} -w {','.join(nodes)} --immediate=10 -t 1 hostname"
+    )
+    proc = slurm_lab.ssh(nodes[0], cmd, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(proc.stdout.split()) == nodes
+
+
+@pytest.mark.slurm
+def test_sbatch_and_squeue_as_the_lab_user(slurm_lab: Lab) -> None:
+    out = slurm_lab.ssh(
+        "cn02",
+        f"sbatch --parsable --reservation={slurm_lab.reservation} -p {slurm_lab.partition}"
+        " -N 1 -t 1 --wrap 'hostname' -o /dev/null",
+    )
+    assert out.returncode == 0, out.stderr
+    job = out.stdout.strip()
+    squeue = slurm_lab.ssh("cn03", f"squeue -h -j {job} -o %u")
+    assert squeue.returncode == 0, squeue.stderr
+    assert squeue.stdout.strip() in ("", slurm_lab.user)  # may already be done
+    slurm_lab.ssh("cn02", f"scancel {job}")
