@@ -1,0 +1,120 @@
+"""Pure logic of nodes, runner and report: no SSH needed."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import paramiko
+import pytest
+
+from mento_fab import report
+from mento_fab.nodes import KnownHosts, SelectionError, fold, select_nodes
+from mento_fab.runner import NodeResult, RunReport, _remote_command
+
+RESERVED = ["max-p3a001", "max-p3a002", "max-p3a003", "max-p3a004"]
+
+
+def test_fold_is_a_clustershell_node_set() -> None:
+    assert fold(RESERVED) == "max-p3a[001-004]"
+    assert fold(["cn02", "cn01", "cn02"]) == "cn[01-02]"
+
+
+def test_select_defaults_to_the_whole_reservation_without_duplicates() -> None:
+    assert select_nodes([*RESERVED, "max-p3a001"]) == RESERVED
+
+
+def test_select_with_node_set_syntax_and_exclusion() -> None:
+    assert select_nodes(RESERVED, "max-p3a[001-003]", "max-p3a002") == ["max-p3a001", "max-p3a003"]
+    assert select_nodes(RESERVED, "max-p3a[001-004]!max-p3a001") == RESERVED[1:]
+
+
+@pytest.mark.parametrize("chosen", ["max-p3a005", "max-p3a[003-006]", "other"])
+def test_select_refuses_nodes_outside_the_reservation(chosen: str) -> None:
+    with pytest.raises(SelectionError, match="not reserved"):
+        select_nodes(RESERVED, chosen)
+
+
+@pytest.mark.parametrize("chosen", ["cn[01-", "cn[3-1]"])
+def test_select_reports_bad_syntax(chosen: str) -> None:
+    with pytest.raises(SelectionError):
+        select_nodes(["cn01"], chosen)
+
+
+def test_select_refuses_an_empty_selection() -> None:
+    with pytest.raises(SelectionError, match="no nodes"):
+        select_nodes(RESERVED, exclude="max-p3a[001-004]")
+
+
+def test_remote_command_quotes_env_and_wraps_timeout() -> None:
+    line = _remote_command("echo $X", {"X": "a b'c"}, 5)
+    assert line.startswith("export X='a b'\"'\"'c'; exec timeout ")
+    assert "-c 'echo $X'" in line
+    assert _remote_command("true", None, None) == "true"
+    with pytest.raises(ValueError, match="environment variable"):
+        _remote_command("true", {"BAD NAME": "x"}, None)
+
+
+def _report() -> RunReport:
+    return RunReport(
+        command="x",
+        results=[
+            NodeResult("cn01", exit=0, stdout="same\n"),
+            NodeResult("cn02", exit=1, stdout="other\n", stderr="boom\n"),
+            NodeResult("cn03", exit=0, stdout="same\n"),
+            NodeResult("cn04", error="unreachable: connection refused"),
+            NodeResult("cn05", error="unreachable: connection refused"),
+            NodeResult("cn06", exit=2),
+        ],
+    )
+
+
+def test_exit_status_is_the_largest_with_unreachable_as_255() -> None:
+    rep = _report()
+    assert rep.exit_status == 255
+    rep.results = [r for r in rep.results if r.error is None]
+    assert rep.exit_status == 2
+    assert RunReport("x", [NodeResult("a", exit=0)]).exit_status == 0
+
+
+def test_summary_line_and_problems() -> None:
+    rep = _report()
+    assert report.summary_line(rep) == (
+        "6 nodes: 2 ok, 2 failed (cn02 exit 1, cn06 exit 2), 2 unreachable (cn[04-05])"
+    )
+    assert report.problems(rep) == ["cn[04-05]: unreachable: connection refused"]
+
+
+def test_gathered_folds_identical_output_in_node_order() -> None:
+    rep = _report()
+    assert list(report.gathered(rep.results)) == [("cn[01,03]", "same"), ("cn02", "other")]
+    assert list(report.gathered(rep.results, "stderr")) == [("cn02", "boom")]
+
+
+def test_json_shape() -> None:
+    data = report.to_json(_report())
+    assert set(data) == {"command", "nodes", "summary"}
+    assert set(data["nodes"][0]) == {"node", "exit", "stdout", "stderr", "error", "seconds"}
+    unreachable = data["nodes"][3]
+    assert unreachable["exit"] is None and unreachable["error"]
+    assert data["summary"]["exit_status"] == 255
+    assert data["summary"]["unreachable"] == 2
+
+
+def test_known_hosts_appends_concurrently_without_losing_lines(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "known_hosts"
+    known = KnownHosts(path)
+    key = paramiko.RSAKey.generate(1024)
+    threads = [
+        threading.Thread(target=known.add, args=([f"cn{i:02d}", f"10.0.0.{i}"], key))
+        for i in range(20)
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    lines = path.read_text().splitlines()
+    assert len(lines) == 20
+    reread = KnownHosts(path)
+    assert reread.lookup(["10.0.0.7"])[key.get_name()] == key
+    assert reread.lookup(["cn99"]) == {}
