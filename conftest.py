@@ -16,12 +16,14 @@ import pytest
 from lab import Lab
 
 LAB_NODES = int(os.environ.get("MENTO_LAB_NODES", "32"))
-LAB_WORKDIR = Path(os.environ.get("MENTO_LAB_WORKDIR", "/tmp/mento-lab-pytest"))
-# Not the names of ``inv lab.up`` (prefix mentolab, 198.18.0.0/24): a lab brought up by
-# hand keeps running while the tests run.
-LAB_PREFIX = "mentotest"
-LAB_SUBNET = "198.18.1"
-LAB_SLURMCTLD_PORT = 6827
+# Each pytest process gets its own slot (namespaces, bridge, subnet, slurmctld port), so
+# several test runs on one machine never tear down each other's lab; and none of them
+# collides with a lab from ``inv lab.up`` (prefix mentolab, 198.18.0.0/24).
+LAB_SLOT = int(os.environ.get("MENTO_LAB_SLOT", os.getpid() % 100))
+LAB_WORKDIR = Path(os.environ.get("MENTO_LAB_WORKDIR", f"/tmp/mento-lab-pytest-{LAB_SLOT}"))
+LAB_PREFIX = f"mtest{LAB_SLOT}"
+LAB_SUBNET = f"198.18.{100 + LAB_SLOT}"
+LAB_SLURMCTLD_PORT = 6900 + LAB_SLOT
 SESSION_NODES = 4
 
 _LAB_FIXTURES = {"lab", "slurm_lab", "lab_session", "slurm_session"}
