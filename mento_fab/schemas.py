@@ -42,12 +42,13 @@ log = logging.getLogger(__name__)
 
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 #: RFC 1123 host name: nothing a shell, ssh (``-oX``, ``user@``) or a node set would interpret.
-HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 #: Portable POSIX user name (no leading dash, at most 32 characters).
-USERNAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}$")
+USERNAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 #: Ids, partitions, reservations: safe in paths, job names and command lines.
-IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}$")
-BEAMLINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}\Z")
+BEAMLINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 #: Keys of older files and the names they have now.
 LEGACY_KEYS = {
@@ -107,7 +108,7 @@ class SessionFile(fields.String):
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not text or "\x00" in text:
+        if not text or _CONTROL.search(text):  # NUL, or a newline that would split a message
             raise ValidationError("Not a valid file path.")
         context = LoadingFile.get()
         resolved = str(context.base / text)
@@ -120,6 +121,13 @@ class _Schema(Schema):
     class Meta:
         # Other facilities' tools add keys over the years: accept and ignore them.
         unknown = EXCLUDE
+
+    @pre_load
+    def none_string_is_unset(self, data: Any, **kwargs: Any) -> Any:
+        # metadata-format.md: the string "None" means "not set", like null (or absent).
+        if isinstance(data, dict):
+            return {k: None if v == "None" else v for k, v in data.items()}
+        return data
 
 
 class OnlineAnalysisSchema(_Schema):
