@@ -148,8 +148,11 @@ def describe_error(exc: BaseException, timeout: float | None = None) -> str:
         return f"unknown host ({exc.strerror})"
     if isinstance(exc, paramiko.SSHException):
         text = str(exc)
+        within = f" within {timeout:g} s" if timeout else ""
         if "banner" in text.lower():
-            return "no SSH server answered (no SSH banner)"
+            return f"no SSH server answered (no SSH banner{within})"
+        if text == "No existing session":  # the handshake outlived paramiko's start timeout
+            return f"no SSH handshake{within} (not an SSH server, or overloaded)"
         return f"ssh error: {text}"
     if isinstance(exc, OSError):
         return f"unreachable: {exc.strerror or exc}".lower()
@@ -198,7 +201,16 @@ def ensure_open(conn: fabric.Connection) -> paramiko.Transport:
     if not conn.is_connected:
         if conn.transport is not None:  # dropped: start over with a fresh client state
             conn.close()
-        conn.open()
+        try:
+            conn.open()
+        except paramiko.SSHException as exc:
+            # paramiko reports a failed handshake as "No existing session"; the
+            # transport kept the real reason (e.g. no banner from a non-SSH server).
+            transport = conn.client.get_transport()
+            saved = getattr(transport, "saved_exception", None)
+            if saved is not None and saved is not exc:
+                raise NodeError(describe_error(saved, conn.connect_timeout)) from None
+            raise
     transport = conn.client.get_transport()
     if transport is None:
         raise NodeError("unreachable: no transport after connect")
