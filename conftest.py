@@ -7,26 +7,55 @@ not failed, when pytest does not run as root, so the unit tests still run anywhe
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import IO, Any
 
 import pytest
 
 from lab import Lab
 
 LAB_NODES = int(os.environ.get("MENTO_LAB_NODES", "32"))
-# Each pytest process gets its own slot (namespaces, bridge, subnet, slurmctld port), so
-# several test runs on one machine never tear down each other's lab; and none of them
-# collides with a lab from ``inv lab.up`` (prefix mentolab, 198.18.0.0/24).
-LAB_SLOT = int(os.environ.get("MENTO_LAB_SLOT", os.getpid() % 100))
-LAB_WORKDIR = Path(os.environ.get("MENTO_LAB_WORKDIR", f"/tmp/mento-lab-pytest-{LAB_SLOT}"))
-LAB_PREFIX = f"mtest{LAB_SLOT}"
-LAB_SUBNET = f"198.18.{100 + LAB_SLOT}"
-LAB_SLURMCTLD_PORT = 6900 + LAB_SLOT
+# Each pytest process claims its own slot (namespaces, bridge, subnet, slurmctld port,
+# work dir) with a lock held until it exits, so several test runs on one machine never
+# tear down each other's lab; none collides with ``inv lab.up`` (mentolab, 198.18.0.0/24).
+LAB_SLOTS = 50
+_slot_locks: list[IO[str]] = []
+
+
+def _claim_slot() -> int:
+    """The first free slot from pid % 50 on (``MENTO_LAB_SLOT`` forces one)."""
+    if "MENTO_LAB_SLOT" in os.environ:
+        return int(os.environ["MENTO_LAB_SLOT"]) % LAB_SLOTS
+    start = os.getpid() % LAB_SLOTS
+    for i in range(LAB_SLOTS):
+        slot = (start + i) % LAB_SLOTS
+        f = open(f"/tmp/mento-lab-pytest-{slot}.lock", "a")  # noqa: SIM115 - held for the run
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            continue
+        _slot_locks.append(f)
+        return slot
+    raise RuntimeError(f"all {LAB_SLOTS} lab slots are busy")
+
+
+def lab_args(slot: int, *, spare: bool = False) -> dict[str, Any]:
+    """Names of the slot's lab; ``spare`` gives a second small lab of the same slot."""
+    offset = 50 if spare else 0
+    return {
+        "prefix": f"{'mspare' if spare else 'mtest'}{slot}",
+        "subnet": f"198.18.{100 + offset + slot}",
+        "slurmctld_port": 6900 + offset + slot,
+    }
+
+
 SESSION_NODES = 4
 
-_LAB_FIXTURES = {"lab", "slurm_lab", "lab_session", "slurm_session"}
+_LAB_FIXTURES = {"lab", "slurm_lab", "lab_session", "slurm_session", "lab_slot", "spare_lab_args"}
 _NOT_ROOT = "lab tests need root (network namespaces, bridge, sshd): run pytest as root"
 
 
@@ -48,17 +77,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @pytest.fixture(scope="session")
-def lab() -> Iterator[Lab]:
-    """The session's lab: 32 nodes cn01..cn32 answering SSH; torn down at session end."""
+def lab_slot() -> int:
+    """This pytest process's lab slot (0..49), claimed for the whole run."""
     if os.geteuid() != 0:
         pytest.skip(_NOT_ROOT)
-    cluster = Lab(
-        LAB_WORKDIR,
-        LAB_NODES,
-        prefix=LAB_PREFIX,
-        subnet=LAB_SUBNET,
-        slurmctld_port=LAB_SLURMCTLD_PORT,
-    )
+    return _claim_slot()
+
+
+@pytest.fixture(scope="session")
+def spare_lab_args(lab_slot: int) -> dict[str, Any]:
+    """Lab names (prefix, subnet, port) for a second, short-lived lab next to ``lab``."""
+    return lab_args(lab_slot, spare=True)
+
+
+@pytest.fixture(scope="session")
+def lab(lab_slot: int) -> Iterator[Lab]:
+    """The session's lab: 32 nodes cn01..cn32 answering SSH; torn down at session end."""
+    workdir = os.environ.get("MENTO_LAB_WORKDIR", f"/tmp/mento-lab-pytest-{lab_slot}")
+    cluster = Lab(Path(workdir), LAB_NODES, **lab_args(lab_slot))
     cluster.up()
     try:
         yield cluster

@@ -18,6 +18,7 @@ import os
 import pwd
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -41,6 +42,9 @@ ASAPO_ENDPOINT = "asapo-services.lab.invalid:8400"
 LOCAL_DIR = "/srv/local"
 MARKER = ".mentolab"
 PR_SET_CHILD_SUBREAPER = 36
+# pid 1 of a node: reaps every orphan of the node (sessions' leftovers, daemonized
+# slurmstepd), so nothing turns into a zombie; killing it kills the whole node.
+_INIT = "$SIG{TERM} = sub { exit 0 }; $SIG{CHLD} = sub {}; while (1) { sleep 1 if wait() == -1 }"
 
 _DAEMONS = {
     "sshd",
@@ -189,7 +193,8 @@ class Lab:
         self.state_file = self.workdir / "lab.json"
         self.partition = PARTITION
         self.reservation = RESERVATION
-        self.holders: dict[str, int] = {}
+        self.holders: dict[str, int] = {}  # node -> host pid of the node's init
+        self._unshare: dict[str, int] = {}  # node -> the unshare process that started init
         self.sshd: dict[str, int] = {}
         self.slurm_pids: dict[str, int] = {}
         self._procs: dict[int, subprocess.Popen[bytes]] = {}
@@ -251,8 +256,7 @@ class Lab:
             self._create_network()
             self._start_holders()
             self._save_state()
-            for node in self.nodes:
-                self._spawn_sshd(node)
+            self._spawn_sshd(self.nodes)
             self._save_state()
             self._wait_ssh(self.nodes)
             self.make_session(self.workdir)
@@ -286,7 +290,7 @@ class Lab:
         for ns in namespaces:
             out = _run(["ip", "netns", "pids", ns], check=False).stdout.split()
             node_pids += [int(p) for p in out if p.isdigit()]
-        _kill(node_pids + list(self.holders.values()) + list(self.sshd.values()))
+        _kill([*node_pids, *self.holders.values(), *self._unshare.values(), *self.sshd.values()])
         _kill(self._workdir_processes())
         if namespaces:
             _run(
@@ -304,6 +308,7 @@ class Lab:
         _reap()
         self._procs.clear()
         self.holders.clear()
+        self._unshare.clear()
         self.sshd.clear()
         self.slurm_pids.clear()
         self.state_file.unlink(missing_ok=True)
@@ -367,7 +372,7 @@ class Lab:
 
     # ------------------------------------------------------------ node control
     def node_exec(self, node: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
-        """Run argv as root inside a node's net+uts+mount namespaces (for test assertions)."""
+        """Run argv as root inside a node's namespaces (for test assertions)."""
         kw.setdefault("capture_output", True)
         kw.setdefault("text", True)
         kw.setdefault("timeout", 30)
@@ -375,12 +380,17 @@ class Lab:
         return subprocess.run(self._nsenter(node) + list(argv), **kw)
 
     def node_pids(self, node: str) -> dict[int, str]:
-        """Processes running on a node (pid -> command line), without the lab's own daemons.
+        """Processes running on a node (host pid -> command line), without the lab's daemons.
 
-        Nodes share the host's pid space, so ``ps`` on a node shows every node's
-        processes; this tells them apart by network namespace.
+        Host pids, so a test can signal them from the host; inside the node (its own
+        pid namespace) the same processes have other, node-local pids.
         """
-        own = {self.holders.get(node), self.sshd.get(node), self.slurm_pids.get(f"slurmd:{node}")}
+        own = {
+            self.holders.get(node),
+            self._unshare.get(node),
+            self.sshd.get(node),
+            self.slurm_pids.get(f"slurmd:{node}"),
+        }
         out = _run(["ip", "netns", "pids", self.netns(node)], check=False).stdout.split()
         result: dict[int, str] = {}
         for p in out:
@@ -404,16 +414,13 @@ class Lab:
         pid = self.sshd.pop(node, None)
         if pid:
             _kill([pid])
-            proc = self._procs.pop(pid, None)
-            if proc:
-                proc.wait(timeout=5)
         self._save_state()
 
     def start_sshd(self, node: str) -> None:
         """Start a node's sshd and wait until it answers."""
         if node in self.sshd and _alive(self.sshd[node]):
             return
-        self._spawn_sshd(node)
+        self._spawn_sshd([node])
         self._save_state()
         self._wait_ssh([node])
 
@@ -576,7 +583,70 @@ class Lab:
         holder = self.holders.get(node)
         if not holder or not _alive(holder):
             raise LabError(f"node {node} is not up")
-        return ["nsenter", "-t", str(holder), "--net", "--uts", "--mount", "--"]
+        return ["nsenter", "-t", str(holder), "--net", "--uts", "--mount", "--pid", "--"]
+
+    def _host_pid(self, node: str, ns_pid: int) -> int | None:
+        """The host pid of a daemon of the node, from its node-local pid (pid files)."""
+        init = self.holders[node]
+        try:
+            children = Path(f"/proc/{init}/task/{init}/children").read_text().split()
+        except OSError:
+            return None
+        for child in children:
+            try:
+                status = Path(f"/proc/{child}/status").read_text()
+            except OSError:
+                continue
+            nspids = next(
+                (ln.split()[1:] for ln in status.splitlines() if ln.startswith("NSpid:")), []
+            )
+            if nspids and nspids[-1] == str(ns_pid):
+                return int(child)
+        return None
+
+    def _daemon_pids(self, pidfiles: dict[str, Path], timeout: float = 20) -> dict[str, int]:
+        """Wait for each node's daemon to write its pid file; return their host pids."""
+        found: dict[str, int] = {}
+        deadline = time.monotonic() + timeout
+        while len(found) < len(pidfiles):
+            for node, pidfile in pidfiles.items():
+                if node in found:
+                    continue
+                with contextlib.suppress(OSError, ValueError, IndexError):
+                    pid = self._host_pid(node, int(pidfile.read_text().split()[0]))
+                    if pid and _alive(pid):
+                        found[node] = pid
+            if len(found) < len(pidfiles):
+                if time.monotonic() > deadline:
+                    missing = sorted(set(pidfiles) - set(found))
+                    raise LabError(f"daemon did not start on {missing}; see {pidfiles[missing[0]]}")
+                time.sleep(0.01)
+        return found
+
+    def _start_daemons(self, argvs: dict[str, list[str]], logs: dict[str, Path]) -> None:
+        """Run daemonizing commands inside nodes, in parallel; they become children of the
+        node's init, so the nsenter we start exits at once."""
+        procs = {}
+        for node, argv in argvs.items():
+            with open(logs[node], "ab") as out:
+                procs[node] = subprocess.Popen(
+                    self._nsenter(node) + argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+        for node, proc in procs.items():
+            try:
+                rc = proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                rc = -1
+            if rc != 0:
+                raise LabError(
+                    f"{argvs[node][0]} failed on {node}: {logs[node].read_text()[-500:]}"
+                )
 
     def _spawn(self, argv: list[str], logfile: Path) -> int:
         """Start a long-running daemon detached from our session, logging to logfile."""
@@ -798,7 +868,7 @@ class Lab:
                     f"ip addr add {self.addresses[n]}/24 dev eth0",
                     "ip link set eth0 up",
                     f": > {ready}",
-                    "exec sleep infinity",
+                    f"exec perl -e {shlex.quote(_INIT)}",
                 ]
             )
             argv = [
@@ -807,37 +877,44 @@ class Lab:
                 "unshare",
                 "--uts",
                 "--mount",
+                "--pid",
+                "--fork",
+                "--mount-proc",
                 "--propagation",
                 "private",
                 "sh",
                 "-c",
                 script,
             ]
-            self.holders[n] = self._spawn(argv, d / "holder.log")
+            self._unshare[n] = self._spawn(argv, d / "holder.log")
         deadline = time.monotonic() + 20
         pending = list(self.nodes)
         while pending:
             pending = [n for n in pending if not (self.node_dir(n) / "ready").exists()]
-            dead = [n for n in pending if not _alive(self.holders[n])]
+            dead = [n for n in pending if not _alive(self._unshare[n])]
             if dead:
                 msg = (self.node_dir(dead[0]) / "holder.log").read_text().strip()
                 raise LabError(f"node {dead[0]} failed to start: {msg}")
             if pending and time.monotonic() > deadline:
                 raise LabError(f"nodes not ready after 20s: {pending}")
             time.sleep(0.01)
+        for n in self.nodes:
+            u = self._unshare[n]
+            children = Path(f"/proc/{u}/task/{u}/children").read_text().split()
+            if len(children) != 1:
+                raise LabError(f"node {n}: cannot find its init process")
+            self.holders[n] = int(children[0])
 
-    def _spawn_sshd(self, node: str) -> None:
-        d = self.node_dir(node)
-        argv = [
-            *self._nsenter(node),
-            "/usr/sbin/sshd",
-            "-D",
-            "-f",
-            str(d / "sshd_config"),
-            "-E",
-            str(d / "sshd.log"),
-        ]
-        self.sshd[node] = self._spawn(argv, d / "sshd.out")
+    def _spawn_sshd(self, nodes: list[str]) -> None:
+        argvs, logs, pidfiles = {}, {}, {}
+        for n in nodes:
+            d = self.node_dir(n)
+            pidfiles[n] = d / "sshd.pid"
+            pidfiles[n].unlink(missing_ok=True)
+            logs[n] = d / "sshd.out"
+            argvs[n] = ["/usr/sbin/sshd", "-f", str(d / "sshd_config"), "-E", str(d / "sshd.log")]
+        self._start_daemons(argvs, logs)
+        self.sshd.update(self._daemon_pids(pidfiles))
 
     def _wait_ssh(self, nodes: list[str], timeout: float = 20) -> None:
         deadline = time.monotonic() + timeout
@@ -867,6 +944,7 @@ class Lab:
             "slurm": self.slurm,
             "slurmctld_port": self.slurmctld_port,
             "holders": self.holders,
+            "unshare": self._unshare,
             "sshd": self.sshd,
             "slurm_pids": self.slurm_pids,
             "metadata_file": str(self.metadata_file),
@@ -878,5 +956,6 @@ class Lab:
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.holders = {k: int(v) for k, v in state.get("holders", {}).items()}
+        self._unshare = {k: int(v) for k, v in state.get("unshare", {}).items()}
         self.sshd = {k: int(v) for k, v in state.get("sshd", {}).items()}
         self.slurm_pids = {k: int(v) for k, v in state.get("slurm_pids", {}).items()}

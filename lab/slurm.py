@@ -1,9 +1,10 @@
 """Slurm in the lab: munged and slurmctld on the host, one slurmd inside each node.
 
 Several slurmd on one machine normally need a Slurm built with
-``--enable-multiple-slurmd``; here every slurmd lives in its own network and UTS
-namespace, so each binds port 6818 on its own address and sees its own host name,
-and the stock Debian build works (``slurmd -N cnXX`` only makes the name explicit).
+``--enable-multiple-slurmd`` (and distinct ports per slurmd); here every slurmd lives
+in its own network, UTS, mount and pid namespace, so each binds port 6818 on its own
+address and sees its own host name, and the stock Debian build works
+(``slurmd -N cnXX`` only makes the name explicit).
 """
 
 from __future__ import annotations
@@ -138,11 +139,15 @@ def start(lab: Lab, timeout: float = 60) -> None:
         wd / "slurm" / "log" / "slurmctld.out",
     )
     _wait(lambda: _ping(lab), 20, "slurmctld", lab, "slurmctld")
-    for n in lab.nodes:
-        lab.slurm_pids[f"slurmd:{n}"] = lab._spawn(
-            [*lab._nsenter(n), "slurmd", "-D", "-N", n, "-f", conf_path(lab)],
-            wd / "slurm" / "log" / f"slurmd-{n}.out",
-        )
+    # Daemonized, each slurmd becomes a child of its node's init (own pid namespace).
+    run = wd / "slurm" / "run"
+    log_dir = wd / "slurm" / "log"
+    lab._start_daemons(
+        {n: ["slurmd", "-N", n, "-f", conf_path(lab)] for n in lab.nodes},
+        {n: log_dir / f"slurmd-{n}.out" for n in lab.nodes},
+    )
+    pids = lab._daemon_pids({n: run / f"slurmd-{n}.pid" for n in lab.nodes})
+    lab.slurm_pids.update({f"slurmd:{n}": pid for n, pid in pids.items()})
     _wait(lambda: _all_idle(lab), timeout, "all nodes idle in sinfo", lab, None)
     _run(
         [

@@ -9,6 +9,7 @@ import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,8 @@ def test_bad_arguments_are_refused() -> None:
         Lab(user="root")
     with pytest.raises(ValueError):
         Lab(prefix="Bad-Prefix")
+    with pytest.raises(ValueError):
+        Lab(subnet="198.18.256")
 
 
 def test_every_node_answers_ssh_with_its_own_host_name(lab: Lab) -> None:
@@ -156,11 +159,11 @@ def test_from_state_reattaches(lab: Lab) -> None:
     assert again.is_up()
 
 
-def test_teardown_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
+def test_teardown_leaves_nothing(lab: Lab, spare_lab_args: dict[str, Any], tmp_path: Path) -> None:
     """A second small lab next to the session's: crash it, then clean it from its state."""
-    small = Lab(
-        tmp_path / "w", 2, slurm=True, prefix="mentotd", subnet="198.18.3", slurmctld_port=6837
-    )
+    args = spare_lab_args
+    prefix = args["prefix"]
+    small = Lab(tmp_path / "w", 2, slurm=True, **args)
     small.up()
     try:
         assert small.ssh("cn02", "hostname").stdout.strip() == "cn02"
@@ -170,7 +173,7 @@ def test_teardown_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
         small.ssh("cn01", "nohup sleep 600 >/dev/null 2>&1 </dev/null &")
         assert small.node_pids("cn01")
         # Simulate a crashed run: forget everything, reattach by state file only.
-        Lab(tmp_path / "w", 2, prefix="mentotd", subnet="198.18.3").down()
+        Lab(tmp_path / "w", 2, **args).down()
         assert small.leftovers() == []
         assert not [
             p
@@ -181,15 +184,15 @@ def test_teardown_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
         # Again without any state file: found by name.
         small.up()
         small.state_file.unlink()
-        Lab(tmp_path / "w", 2, prefix="mentotd", subnet="198.18.3").down()
+        Lab(tmp_path / "w", 2, **args).down()
     finally:
         small.down()
         small.down()  # idempotent
     netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert "mentotd-" not in netns
+    assert f"{prefix}-" not in netns
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
-    assert "mentotd" not in links
-    assert "mentotd-local" not in Path("/proc/mounts").read_text()
+    assert f" {prefix}0" not in links and f" {prefix}v" not in links
+    assert f"{prefix}-local" not in Path("/proc/mounts").read_text()
     assert lab.is_up()  # the session's lab is untouched
 
 
