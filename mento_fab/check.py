@@ -1,8 +1,8 @@
 """Is the beamtime ready? Metadata, key file and every node, checked in one pass.
 
-Each node is asked once: connect and log in, time one round trip on the open
-connection, then one shell line that tests the home directory and the beamline
-filesystem mount. Failures are data in the :class:`CheckReport`.
+Each node is asked once: connect and log in, one shell line that tests the home
+directory and the beamline filesystem mount, then one timed round trip on the
+open connection. Failures are data in the :class:`CheckReport`.
 """
 
 from __future__ import annotations
@@ -112,15 +112,16 @@ def _check_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
         check.error = describe_error(exc, conn.connect_timeout)
         return check
     check.reachable = check.login = True
+    probe = execute(conn, _PROBE.format(blfs=shlex.quote(blfs)), timeout=30)
+    if probe.error:
+        check.error = probe.error
+        return check
+    # Timed second: the first session on a new connection carries sshd's set-up cost.
     start = time.monotonic()
     ping = execute(conn, "true")
     check.rtt = time.monotonic() - start
     if ping.error:
         check.error = ping.error
-        return check
-    probe = execute(conn, _PROBE.format(blfs=shlex.quote(blfs)), timeout=30)
-    if probe.error:
-        check.error = probe.error
         return check
     lines = set(probe.stdout.split())
     check.home_writable = "home=ok" in lines
