@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -101,6 +102,12 @@ def group(
         policy = HostKeyPolicy(policy)
     except ValueError:
         raise ValueError(f"--host-keys must be accept-new, strict or off, not {policy!r}") from None
+    if policy is HostKeyPolicy.OFF:
+        print(
+            "mento-fab: WARNING: host key checking is OFF: any machine answering for a node "
+            "is trusted with the beamtime's key and data",
+            file=sys.stderr,
+        )
     return nodes_group(
         md,
         nodes=nodes,
@@ -122,6 +129,25 @@ def is_tty(stream: Any = None) -> bool:
     return bool(getattr(stream, "isatty", lambda: False)())
 
 
+def configure_logging() -> None:
+    """Library warnings as ``mento-fab: ...`` lines; paramiko's tracebacks stay out of sight.
+
+    Per-node failures are already in the report, one line each; paramiko would log
+    the same failure again with a traceback through logging's last-resort handler.
+    """
+    logger = logging.getLogger("mento_fab")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mento-fab: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(os.environ.get("MENTO_LOG_LEVEL", "WARNING").upper())
+        logger.propagate = False
+    paramiko_logger = logging.getLogger("paramiko")
+    if not paramiko_logger.handlers:
+        paramiko_logger.addHandler(logging.NullHandler())
+        paramiko_logger.propagate = False
+
+
 def friendly(func: F) -> F:
     """Turn bad input and group failures into one line and an exit status, not a traceback."""
 
@@ -129,6 +155,7 @@ def friendly(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from fabric.exceptions import GroupException
 
+        configure_logging()
         try:
             return func(*args, **kwargs)
         except (MetadataError, SelectionError, FileNotFoundError, RuntimeError, ValueError) as exc:
