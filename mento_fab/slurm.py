@@ -459,9 +459,9 @@ class Slurm:
         """Run one Slurm client command on the submit node; raise SlurmError if it fails."""
         line = shlex.join(argv)
         log.debug("%s: %s", self.node, line)
-        with self._lock:  # re-opening a dropped connection from two threads at once
-            with contextlib.suppress(Exception):
-                ensure_open(self.conn)
+        # one thread at a time re-opens a dropped connection
+        with self._lock, contextlib.suppress(Exception):
+            ensure_open(self.conn)
         result = execute(self.conn, line, timeout=timeout)
         if check and not result.ok:
             raise SlurmError(f"{argv[0]} failed: {_complaint(result)}")

@@ -1,0 +1,430 @@
+"""The trigger API acquisition scripts call: ``Trigger(method).run([...])``.
+
+Same names and arguments as the original ``mento.trigger`` (``TriggerMethod``
+with SLURM_REST_API, REMOTE_COMMAND, REMOTE_SBATCH_SCRIPT, LOCAL_BASH_SCRIPT;
+``Trigger(trigger_method, beamline_root_dir='/gpfs')``; ``run(arg_list,
+destination, job_name, job_time, job_dependency, log_file)``), with what the
+original could not give:
+
+- one persistent SSH connection per destination, reused by every call and
+  re-opened by itself when it drops (no ``ssh`` process and key exchange per
+  trigger: a trigger costs a few milliseconds instead of a new login);
+- every call returns a :class:`TriggerHandle` with the outcome (exit status,
+  output, job id, error) instead of forgetting it;
+- ``arg_list`` is an argv: it reaches the remote shell as ``shlex.join`` of
+  its items, so spaces and quotes in arguments survive. A single string
+  (``["cmd a 'b c'"]``) is split with ``shlex.split``. Shell syntax needs an
+  explicit shell: ``["sh", "-c", "cd /x && ./run.sh"]``;
+- ``background=True`` puts the call on a bounded queue served by a worker
+  thread, so an acquisition loop never blocks; a failure in the background is
+  logged and kept on the handle. A full queue fails the handle at once
+  (logged), it never blocks the caller.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import os
+import queue
+import shlex
+import subprocess
+import threading
+import time
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import IntEnum, auto, unique
+from typing import Any
+
+import fabric
+
+from mento_fab.metadata import BeamtimeMetadata
+from mento_fab.nodes import load_metadata, nodes_group
+from mento_fab.runner import NodeResult, describe_error, ensure_open, execute
+from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
+
+__all__ = ["Trigger", "TriggerError", "TriggerHandle", "TriggerMethod"]
+
+log = logging.getLogger(__name__)
+
+#: Background calls that may wait for the worker before new ones are refused.
+DEFAULT_MAX_PENDING = 1000
+
+
+@unique
+class TriggerMethod(IntEnum):
+    """Supported triggering methods (values as in the original)."""
+
+    SLURM_REST_API = auto()
+    REMOTE_COMMAND = auto()
+    REMOTE_SBATCH_SCRIPT = auto()
+    LOCAL_BASH_SCRIPT = auto()
+
+
+class TriggerError(RuntimeError):
+    """A trigger that did not succeed, raised by :meth:`TriggerHandle.check`."""
+
+
+@dataclass
+class TriggerHandle:
+    """The outcome of one trigger; filled in when the call ends (at once unless background).
+
+    ``exit_status`` is the command's (or sbatch's) exit status, None when it never
+    ran to an end (then ``error`` says why); ``job_id`` is set for sbatch triggers.
+    """
+
+    method: TriggerMethod
+    command: str
+    destination: str | None = None
+    background: bool = False
+    exit_status: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+    job_id: str | None = None
+    job: Job | None = field(default=None, repr=False)
+    seconds: float = 0.0
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        return self.done() and self.error is None and self.exit_status == 0
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> TriggerHandle:
+        """Block until the call has ended; TimeoutError if it has not after ``timeout``."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"trigger still running after {timeout:g} s: {self.command}")
+        return self
+
+    def check(self) -> TriggerHandle:
+        """Raise TriggerError unless the call succeeded (waits for it first)."""
+        self.wait()
+        if not self.ok:
+            raise TriggerError(self.describe())
+        return self
+
+    def describe(self) -> str:
+        """One line: what ran where and how it ended."""
+        where = f" on {self.destination}" if self.destination else ""
+        if self.error is not None:
+            outcome = self.error
+        elif self.job_id is not None:
+            outcome = f"job {self.job_id}"
+        else:
+            outcome = f"exit {self.exit_status}"
+            tail = self.stderr.strip().splitlines()
+            if self.exit_status and tail:
+                outcome += f": {tail[-1]}"
+        return f"{self.method.name} {self.command}{where}: {outcome}"
+
+    def _fill(self, result: NodeResult) -> None:
+        self.exit_status = result.exit
+        self.stdout, self.stderr = result.stdout, result.stderr
+        self.error = result.error
+        self.seconds = result.seconds
+
+
+def split_arg_list(arg_list: Sequence[Any] | None) -> list[str]:
+    """The original's four shapes of ``arg_list`` as one argv.
+
+    ``["cmd"]``, ``["cmd a1 a2"]`` (split with shlex), ``["cmd", [a1, a2]]``,
+    ``["cmd", a1, a2]``.
+    """
+    if not arg_list:
+        raise RuntimeError("Command (or executable script) not provided")
+    if isinstance(arg_list, str):
+        arg_list = [arg_list]
+    first = str(arg_list[0])
+    if len(arg_list) == 1:
+        argv = shlex.split(first)
+    elif len(arg_list) == 2 and isinstance(arg_list[1], list | tuple):
+        argv = [first, *map(str, arg_list[1])]
+    else:
+        argv = [first, *map(str, arg_list[1:])]
+    if not argv or not argv[0]:
+        raise RuntimeError("Command (or executable script) not provided")
+    return argv
+
+
+_live: weakref.WeakSet[Trigger] = weakref.WeakSet()
+
+
+@atexit.register
+def _drain_at_exit() -> None:
+    """Let queued background triggers finish when the acquisition script ends."""
+    for trig in list(_live):
+        trig.close(wait=True)
+
+
+class Trigger:
+    """Collective information needed to trigger an online analysis run, and the means to.
+
+    ``metadata`` (an object or file) wins over ``beamline_root_dir``; the other
+    keywords reach :func:`mento_fab.nodes.nodes_group`. ``timeout`` bounds each
+    call (None: no limit). ``on_done`` is called with every finished handle.
+    """
+
+    def __init__(
+        self,
+        trigger_method: TriggerMethod | int | str = TriggerMethod.REMOTE_SBATCH_SCRIPT,
+        beamline_root_dir: str | os.PathLike[str] = "/gpfs",
+        *,
+        metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
+        ssh_config: str | os.PathLike[str] | None = None,
+        known_hosts: str | os.PathLike[str] | None = None,
+        host_keys: str = "accept-new",
+        connect_timeout: float = 10.0,
+        timeout: float | None = None,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        workers: int = 1,
+        on_done: Callable[[TriggerHandle], None] | None = None,
+    ) -> None:
+        try:
+            if isinstance(trigger_method, str):
+                self.trigger_method = TriggerMethod[trigger_method.upper()]
+            else:
+                self.trigger_method = TriggerMethod(trigger_method)
+        except (KeyError, ValueError):
+            raise RuntimeError(f"Trigger method not known: {trigger_method!s}") from None
+        self.bt_info = load_metadata(metadata, beamline_root_dir)
+        if self.trigger_method is not TriggerMethod.LOCAL_BASH_SCRIPT and not self.bt_info.online:
+            raise RuntimeError(
+                f"beamtime {self.bt_info.beamtime} has no reserved nodes (no onlineAnalysis)"
+            )
+        if max_pending < 1 or workers < 1:
+            raise ValueError("max_pending and workers must be at least 1")
+        self.timeout = timeout
+        self.on_done = on_done
+        self._group_options: dict[str, Any] = {
+            "ssh_config": ssh_config,
+            "known_hosts": known_hosts,
+            "host_keys": host_keys,
+            "connect_timeout": connect_timeout,
+        }
+        self._connections: dict[str, fabric.Connection] = {}
+        self._lock = threading.Lock()
+        #: How many times a connection was opened, per node (1 while it never dropped).
+        self.connects: dict[str, int] = {}
+        self._queue: queue.Queue[tuple[TriggerHandle, Callable[[], None]] | None] = queue.Queue(
+            maxsize=max_pending
+        )
+        self._workers: list[threading.Thread] = []
+        self._nworkers = workers
+        self._closed = False
+        _live.add(self)
+
+    # ------------------------------------------------------------------ public
+    def run(
+        self,
+        arg_list: Sequence[Any] | None = None,
+        destination: str | None = None,
+        job_name: str | None = None,
+        job_time: str | None = None,
+        job_dependency: str | None = None,
+        log_file: str | None = None,
+        *,
+        background: bool = False,
+        timeout: float | None = None,
+    ) -> TriggerHandle:
+        """Trigger processing; returns the handle (finished unless ``background``).
+
+        ``destination`` is the node to run on or submit from (default: the first
+        reserved node); ``job_*`` and ``log_file`` shape the sbatch call as in the
+        original (no ``log_file``: Slurm output goes to /dev/null). Bad input
+        raises at once, also for background calls; failures of the call itself
+        are on the handle.
+        """
+        if self._closed:
+            raise RuntimeError("this Trigger is closed")
+        method = self.trigger_method
+        if method is TriggerMethod.SLURM_REST_API:
+            raise NotImplementedError("SLURM REST API not available")
+        argv = split_arg_list(arg_list)
+        timeout = self.timeout if timeout is None else timeout
+        if method is TriggerMethod.LOCAL_BASH_SCRIPT:
+            script = argv[0]
+            if not os.path.exists(script):
+                raise FileNotFoundError(f"File not found: {script}")
+            if not os.access(script, os.X_OK):
+                raise RuntimeError(f"File not executable: {script}")
+            handle = TriggerHandle(method, shlex.join(argv), None, background)
+            work: Callable[[], None] = lambda: self._run_local(handle, argv, timeout)  # noqa: E731
+        else:
+            node = destination or str(self.bt_info.online.nodes[0])  # type: ignore[union-attr]
+            if method is TriggerMethod.REMOTE_SBATCH_SCRIPT:
+                argv = sbatch_argv(
+                    self.bt_info, argv[0], argv[1:], job_name=job_name,
+                    time=job_time or DEFAULT_TIME, dependency=job_dependency,
+                    output=log_file or os.devnull, error=log_file or os.devnull,
+                )  # fmt: skip
+            handle = TriggerHandle(method, shlex.join(argv), node, background)
+            work = lambda: self._run_remote(handle, node, timeout)  # noqa: E731
+        if not background:
+            self._call(handle, work)
+            return handle
+        return self._enqueue(handle, work)
+
+    def pending(self) -> int:
+        """Background calls queued and not yet started."""
+        return self._queue.qsize()
+
+    def connection(self, destination: str | None = None) -> fabric.Connection:
+        """The open Connection to ``destination`` (default: the first reserved node)."""
+        node = destination or str(self.bt_info.online.nodes[0])  # type: ignore[union-attr]
+        return self._connection(node)
+
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Stop taking calls, let queued ones finish (``wait``) and close the connections."""
+        self._closed = True
+        for _ in self._workers:  # after what is queued: queued calls still run
+            if wait:
+                self._queue.put(None)
+            else:
+                with contextlib.suppress(queue.Full):
+                    self._queue.put_nowait(None)
+        if wait:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            for worker in self._workers:
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                worker.join(left)
+        with self._lock:
+            for conn in self._connections.values():
+                conn.close()
+            self._connections.clear()
+        _live.discard(self)
+
+    def __enter__(self) -> Trigger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --------------------------------------------------------------- internals
+    def _connection(self, node: str) -> fabric.Connection:
+        with self._lock:
+            conn = self._connections.get(node)
+            if conn is None:
+                (conn,) = nodes_group(self.bt_info, nodes=node, **self._group_options)
+                self._connections[node] = conn
+            if not conn.is_connected:
+                ensure_open(conn)
+                self.connects[node] = self.connects.get(node, 0) + 1
+                if self.connects[node] > 1:
+                    log.info("reconnected to %s", node)
+            return conn
+
+    def _execute(self, node: str, line: str, timeout: float | None) -> NodeResult:
+        """One command over the node's connection, reconnecting once if it proved dead."""
+        try:
+            conn = self._connection(node)
+        except Exception as exc:
+            return NodeResult(node=node, error=describe_error(exc))
+        result = execute(conn, line, timeout=timeout)
+        if self._never_ran(conn, result):
+            log.info("connection to %s was dead (%s); reconnecting", node, result.error)
+            try:
+                conn = self._connection(node)
+            except Exception as exc:
+                result.error = describe_error(exc)
+                return result
+            result = execute(conn, line, timeout=timeout)
+        return result
+
+    @staticmethod
+    def _never_ran(conn: fabric.Connection, result: NodeResult) -> bool:
+        """True when a stale connection failed before the command could have started."""
+        error = result.error or ""
+        return (
+            result.exit is None
+            and bool(error)
+            and not conn.is_connected
+            and not result.stdout
+            and not result.stderr
+            and not error.startswith("timed out")
+            and "before the command reported" not in error
+        )
+
+    def _run_remote(self, handle: TriggerHandle, node: str, timeout: float | None) -> None:
+        result = self._execute(node, handle.command, timeout)
+        handle._fill(result)
+        if handle.method is TriggerMethod.REMOTE_SBATCH_SCRIPT and result.ok:
+            try:
+                handle.job_id = parse_job_id(result.stdout)
+                handle.job = Job(handle.job_id, Slurm(self._connections[node], self.bt_info))
+            except Exception as exc:
+                handle.error = str(exc)
+        elif handle.method is TriggerMethod.REMOTE_SBATCH_SCRIPT and result.exit:
+            lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+            handle.error = lines[-1].strip() if lines else f"sbatch exit {result.exit}"
+
+    def _run_local(self, handle: TriggerHandle, argv: list[str], timeout: float | None) -> None:
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            handle.error = f"timed out after {timeout:g} s"
+        except OSError as exc:
+            handle.error = f"could not start {argv[0]}: {exc.strerror or exc}"
+        else:
+            handle.exit_status = proc.returncode
+            handle.stdout = proc.stdout.decode("utf-8", "replace")
+            handle.stderr = proc.stderr.decode("utf-8", "replace")
+        handle.seconds = time.monotonic() - start
+
+    def _call(self, handle: TriggerHandle, work: Callable[[], None]) -> None:
+        """Run one call to its end; nothing escapes, everything lands on the handle."""
+        try:
+            work()
+        except Exception as exc:  # a bug or an odd failure must still end on the handle
+            log.exception("trigger failed unexpectedly: %s", handle.command)
+            handle.error = handle.error or f"{type(exc).__name__}: {exc}"
+        handle._done.set()
+        if not handle.ok:
+            level = logging.ERROR if handle.background else logging.WARNING
+            log.log(level, "trigger failed: %s", handle.describe())
+        else:
+            log.debug("trigger done: %s", handle.describe())
+        if self.on_done is not None:
+            try:
+                self.on_done(handle)
+            except Exception:
+                log.exception("on_done callback failed")
+
+    def _enqueue(self, handle: TriggerHandle, work: Callable[[], None]) -> TriggerHandle:
+        try:
+            self._queue.put_nowait((handle, work))
+        except queue.Full:
+            handle.error = f"not run: {self._queue.maxsize} background triggers already pending"
+            handle._done.set()
+            log.error("trigger dropped: %s", handle.describe())
+            return handle
+        self._start_workers()
+        return handle
+
+    def _start_workers(self) -> None:
+        with self._lock:
+            self._workers = [w for w in self._workers if w.is_alive()]
+            while len(self._workers) < self._nworkers:
+                worker = threading.Thread(
+                    target=self._serve, name=f"mento-trigger-{len(self._workers)}", daemon=True
+                )
+                worker.start()
+                self._workers.append(worker)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            self._call(*item)
