@@ -207,3 +207,9 @@ def user_doc() -> dict[str, Any]:
 def commissioning_doc() -> dict[str, Any]:
     """A fresh copy of the commissioning example document."""
     return copy.deepcopy(COMMISSIONING_DOC)
+
+
+@pytest.fixture
+def session_at() -> Callable[..., Session]:
+    """``session_at(root, kind="current", doc=None, name=None, files=True)``: any root dir."""
+    return build_session
