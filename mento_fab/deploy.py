@@ -1,0 +1,998 @@
+"""Ship an analysis project to every reserved node, atomically: ``releases/`` + ``current``.
+
+Layout on a node: ``<target>/releases/<UTC time>-<hash>/`` and a relative symlink
+``<target>/current -> releases/<name>``. A deploy has two phases so that no node
+ever runs a mix of old and new files and no node runs a different version:
+
+1. *stage* the release on every node (one archive per node over SFTP, checksum
+   verified, unpacked into ``releases/.staging-<name>`` and renamed into place);
+2. only when every node has staged, *switch* ``current`` on every node with
+   ``ln -s`` to a temporary name and ``mv -T`` (one atomic ``rename(2)``).
+
+If staging fails anywhere, nothing switches and staged releases are removed.
+
+Cheap redeploys: the content hash (sorted paths, types, modes and contents) names
+the release, so an unchanged tree is detected by one command per node. When a node
+already has a release, only changed files travel; unchanged files are hard-linked
+from the current release (never modified in place: tar unlinks before writing).
+A target that several nodes share (a cluster home) is detected with nonce files
+and staged and switched once.
+
+Token *contents* are never read: ``.mento/beamtime.env`` and ``.mento/beamtime.json``
+carry the token file paths as the nodes see them (see :func:`node_path`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import secrets
+import shlex
+import stat
+import tarfile
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import fabric
+import pathspec
+
+from mento_fab.metadata import BeamtimeMetadata
+from mento_fab.nodes import connection_node
+from mento_fab.runner import (
+    DEFAULT_FANOUT,
+    NodeError,
+    NodeResult,
+    RunReport,
+    describe_error,
+    ensure_open,
+    execute,
+    map_nodes,
+)
+
+__all__ = [
+    "DEFAULT_EXCLUDES",
+    "DEFAULT_KEEP",
+    "DeployError",
+    "DeployReport",
+    "Entry",
+    "NodeReleases",
+    "Release",
+    "UnsafeSourceError",
+    "beamtime_files",
+    "build_release",
+    "default_target",
+    "deploy",
+    "node_path",
+    "releases",
+    "rollback",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_KEEP = 5
+#: Never shipped: VCS data, byte code, our own metadata directory. Virtual
+#: environments are also recognised by their ``pyvenv.cfg``.
+DEFAULT_EXCLUDES = (".git/", ".hg/", ".svn/", "__pycache__/", ".venv/", ".mento/")
+IGNORE_FILE = ".mentoignore"
+META_DIR = ".mento"
+VENV_DIR = ".venv"
+CHUNK = 256 * 1024
+#: Events passed to ``on_event``: (node, event) — for progress and for tests.
+EventCallback = Callable[[str, str], None]
+
+_DIR, _FILE, _LINK = "d", "f", "l"
+
+
+class DeployError(ValueError):
+    """The deploy cannot start (bad source, bad target, bad options): nothing was sent."""
+
+
+class UnsafeSourceError(DeployError):
+    """The source tree holds something we refuse to ship (a symlink leaving the tree)."""
+
+
+# --------------------------------------------------------------------------- release
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One path of a release: type, permission bits and content digest (or link target)."""
+
+    path: str  # relative, POSIX, as str (surrogate-escaped when not UTF-8)
+    kind: str  # "d", "f" or "l"
+    mode: int
+    digest: str = ""  # sha256 of a file, target of a link, "" for a directory
+    size: int = 0
+    mtime: float = 0.0
+    source: str | None = None  # local file to read; None for generated files
+    data: bytes | None = dataclasses.field(default=None, repr=False)  # generated content
+
+    def key(self) -> tuple[str, str, int, str]:
+        """What must be equal for a file to be reused from an earlier release."""
+        return (self.path, self.kind, self.mode, self.digest)
+
+
+@dataclass
+class Release:
+    """A release built from a source tree: its entries, content hash and archives.
+
+    Only the hash is computed eagerly (what a no-op needs); archives are built on
+    demand, the full one at most once, deltas once per base release.
+    """
+
+    source: Path
+    entries: list[Entry]
+    content_hash: str
+    created: str  # UTC time stamp, part of the name
+    install: bool = False
+    _archives: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.created}-{self.content_hash[:16]}"
+
+    @property
+    def files(self) -> list[Entry]:
+        return [e for e in self.entries if e.kind == _FILE]
+
+    @property
+    def size(self) -> int:
+        return sum(e.size for e in self.entries)
+
+    def manifest(self) -> bytes:
+        """The JSON manifest stored in the release; a later deploy diffs against it."""
+        doc = {
+            "hash": self.content_hash,
+            "entries": [[e.path, e.kind, e.mode, e.digest] for e in self.entries],
+        }
+        return json.dumps(doc, separators=(",", ":")).encode()
+
+    def archive(self, base: list[list[Any]] | None = None) -> tuple[bytes, list[str]]:
+        """A tar archive of what a node with release ``base`` (a manifest) lacks.
+
+        Returns ``(archive, reused)``: ``reused`` are regular files the node hard-links
+        from its current release instead of receiving them. ``base=None``: everything.
+        """
+        old: set[tuple[str, str, int, str]] = set()
+        if base is not None:
+            old = {(str(p), str(k), int(m), str(d)) for p, k, m, d in base}
+        reused = [
+            e.path
+            for e in self.entries
+            if e.kind == _FILE and e.key() in old and not _is_meta(e.path)
+        ]
+        cache_key = hashlib.sha256("\0".join(reused).encode("utf-8", "surrogateescape")).hexdigest()
+        with self._lock:
+            if cache_key not in self._archives:
+                skip = set(reused)
+                self._archives[cache_key] = self._tar(
+                    [e for e in self.entries if e.path not in skip]
+                )
+            return self._archives[cache_key], reused
+
+    def _tar(self, entries: Sequence[Entry]) -> bytes:
+        buffer = io.BytesIO()
+        extra = [
+            Entry(
+                f"{META_DIR}/content-hash", _FILE, 0o644, data=(self.content_hash + "\n").encode()
+            ),
+            Entry(f"{META_DIR}/manifest.json", _FILE, 0o644, data=self.manifest()),
+        ]
+        with tarfile.open(
+            fileobj=buffer,
+            mode="w",
+            format=tarfile.GNU_FORMAT,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tar:
+            for entry in [*entries, *extra]:
+                info = tarfile.TarInfo(entry.path)
+                info.mode = entry.mode
+                info.mtime = int(entry.mtime or time.time())
+                info.uname = info.gname = ""
+                if entry.kind == _DIR:
+                    info.type = tarfile.DIRTYPE
+                    tar.addfile(info)
+                elif entry.kind == _LINK:
+                    info.type = tarfile.SYMTYPE
+                    info.linkname = entry.digest
+                    tar.addfile(info)
+                elif entry.data is not None:
+                    info.size = len(entry.data)
+                    tar.addfile(info, io.BytesIO(entry.data))
+                else:
+                    assert entry.source is not None
+                    with open(entry.source, "rb") as handle:
+                        info.size = os.fstat(handle.fileno()).st_size
+                        tar.addfile(info, handle)
+        return buffer.getvalue()
+
+
+def _is_meta(path: str) -> bool:
+    return path == META_DIR or path.startswith(META_DIR + "/")
+
+
+def _ignore_spec(source: Path, excludes: Iterable[str]) -> pathspec.PathSpec:
+    lines = list(DEFAULT_EXCLUDES)
+    ignore_file = source / IGNORE_FILE
+    if ignore_file.is_file():
+        lines += ignore_file.read_text(encoding="utf-8", errors="replace").splitlines()
+    lines += list(excludes)
+    return pathspec.GitIgnoreSpec.from_lines(lines)
+
+
+def _file_digest(path: str) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+            size += len(chunk)
+    return digest.hexdigest(), size
+
+
+def _link_target(root: Path, path: Path, rel: str) -> str:
+    """The symlink's target if it stays inside the tree (absolute ones made relative)."""
+    target = os.readlink(path)
+    parent = os.path.dirname(os.path.join(str(root), rel))
+    resolved = os.path.normpath(os.path.join(parent, target))
+    if os.path.commonpath([str(root), resolved]) != str(root):
+        raise UnsafeSourceError(
+            f"{root / rel}: symlink points outside the source tree ({target}); "
+            "copy what it points to into the tree or exclude it"
+        )
+    if os.path.isabs(target):
+        target = os.path.relpath(resolved, parent)
+    return target
+
+
+def build_release(
+    source: str | os.PathLike[str],
+    excludes: Iterable[str] = (),
+    *,
+    extra_files: dict[str, bytes] | None = None,
+    install: bool = False,
+) -> Release:
+    """Scan ``source`` into a :class:`Release` (hash now, archives later).
+
+    ``excludes`` are gitignore patterns added to the defaults and ``.mentoignore``.
+    ``extra_files`` (``.mento/...`` paths) are generated files shipped with mode 0600,
+    part of the hash. Symlinks are kept as links when they stay inside the tree and
+    refused otherwise; sockets, FIFOs and devices are skipped.
+    """
+    root = Path(source).expanduser()
+    if not root.is_dir():
+        raise DeployError(f"source is not a directory: {root}")
+    root = root.resolve()
+    spec = _ignore_spec(root, excludes)
+    entries: list[Entry] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        rel_dir = os.path.relpath(dirpath, root)
+        rel_dir = "" if rel_dir == "." else rel_dir
+        kept_dirs = []
+        for name in sorted(dirnames):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            full = Path(dirpath, name)
+            if full.is_symlink():  # os.walk lists links to directories as dirnames
+                filenames.append(name)
+                continue
+            if spec.match_file(rel + "/") or (full / "pyvenv.cfg").is_file():
+                log.debug("excluded directory %s", rel)
+                continue
+            kept_dirs.append(name)
+            st = full.lstat()
+            entries.append(Entry(rel, _DIR, stat.S_IMODE(st.st_mode), mtime=st.st_mtime))
+        dirnames[:] = kept_dirs
+        for name in sorted(filenames):
+            rel = f"{rel_dir}/{name}" if rel_dir else name
+            full = Path(dirpath, name)
+            if spec.match_file(rel):
+                log.debug("excluded file %s", rel)
+                continue
+            st = full.lstat()
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISLNK(st.st_mode):
+                entries.append(Entry(rel, _LINK, 0o777, _link_target(root, full, rel)))
+            elif stat.S_ISREG(st.st_mode):
+                digest, size = _file_digest(str(full))
+                entries.append(Entry(rel, _FILE, mode, digest, size, st.st_mtime, source=str(full)))
+            else:
+                log.warning("skipping %s: not a regular file, directory or symlink", rel)
+    for rel, data in sorted((extra_files or {}).items()):
+        if not _is_meta(rel):
+            raise DeployError(f"generated files must live under {META_DIR}/: {rel}")
+        if not any(e.path == META_DIR for e in entries):
+            entries.append(Entry(META_DIR, _DIR, 0o700))
+        entries.append(
+            Entry(rel, _FILE, 0o600, hashlib.sha256(data).hexdigest(), len(data), data=data)
+        )
+    entries.sort(key=lambda e: e.path.encode("utf-8", "surrogateescape"))
+    digest = hashlib.sha256(b"mento-release-1\n")
+    if install:
+        digest.update(b"install\n")
+    for e in entries:
+        digest.update(
+            f"{e.path}\0{e.kind}\0{e.mode:o}\0{e.digest}\n".encode("utf-8", "surrogateescape")
+        )
+    created = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Release(root, entries, digest.hexdigest(), created, install)
+
+
+# --------------------------------------------------------------- beamtime files
+
+
+def node_path(path: str, session_root: str | os.PathLike[str] | None, blfs: str | None) -> str:
+    """Where a session file (a token file) is seen on the nodes.
+
+    Decision: the beamline filesystem's session directory (the directory of the
+    metadata file) is what the nodes see at ``blfs_mountpoint``, so
+    ``<session root>/shared/asapo-token.txt`` becomes
+    ``<blfs_mountpoint>/shared/asapo-token.txt``. Paths outside the session root
+    (e.g. on the core filesystem, already visible on the cluster) stay as they are.
+    """
+    if not session_root or not blfs:
+        return path
+    root = os.path.abspath(session_root)
+    absolute = os.path.abspath(path)
+    if os.path.commonpath([root, absolute]) != root:
+        return path
+    rel = os.path.relpath(absolute, root)
+    return str(PurePosixPath(blfs) / rel) if rel != "." else blfs
+
+
+def beamtime_files(
+    md: BeamtimeMetadata, session_root: str | os.PathLike[str] | None = None
+) -> dict[str, bytes]:
+    """``.mento/beamtime.env`` and ``.mento/beamtime.json`` for a release: no secrets.
+
+    Token values are file paths as the nodes see them; their contents are never read.
+    """
+    online, asapo = md.online, md.asapo
+    blfs = online.blfs_mountpoint if online else None
+    values: dict[str, str | None] = {
+        "beamline": md.beamline,
+        "beamtime": md.beamtime,
+        "tag": md.tag,
+        "core_path": md.corefs_path,
+        "blfs_mountpoint": blfs,
+        "partition": online.slurm.partition if online else None,
+        "reservation": online.slurm.reservation if online else None,
+        "asapo_endpoint": asapo.endpoint if asapo else None,
+        "asapo_token_ro_file": node_path(asapo.token_ro, session_root, blfs) if asapo else None,
+        "asapo_token_rw_file": node_path(asapo.token_rw, session_root, blfs) if asapo else None,
+    }
+    env_lines = ["# written by mento_fab deploy: source it; token values are file paths"]
+    for key, value in values.items():
+        env_lines.append(f"MENTO_{key.upper()}={shlex.quote(value or '')}")
+    return {
+        f"{META_DIR}/beamtime.env": ("\n".join(env_lines) + "\n").encode(),
+        f"{META_DIR}/beamtime.json": (json.dumps(values, indent=2) + "\n").encode(),
+    }
+
+
+def default_target(md: BeamtimeMetadata) -> str:
+    """``~/mento_fab/<beamtime id>`` in the temporary account's home."""
+    return f"~/mento_fab/{md.beamtime}"
+
+
+def _remote_dir(target: str) -> str:
+    """A target as the remote shell and SFTP take it: ``~/x`` becomes ``x`` (home-relative)."""
+    target = target.strip()
+    if not target:
+        raise DeployError("target directory must not be empty")
+    if target in ("~", "~/"):
+        raise DeployError("target must be a directory below the home, not the home itself")
+    if target.startswith("~/"):
+        target = target[2:]
+    elif target.startswith("~"):
+        raise DeployError(f"target {target!r}: only ~/ (the account's own home) is supported")
+    target = target.rstrip("/") or "/"
+    if target == "/":
+        raise DeployError("target must not be /")
+    return target
+
+
+# ----------------------------------------------------------------------- reports
+
+
+@dataclass
+class DeployReport:
+    """What a deploy (or rollback) did, per node; ``run`` has the shared per-node shape."""
+
+    action: str  # "deploy" | "rollback"
+    outcome: str  # "switched", "unchanged", "aborted", "dry-run"
+    target: str
+    release: str | None
+    content_hash: str | None
+    run: RunReport
+    shared: list[list[str]] = field(default_factory=list)  # nodes sharing one target directory
+    details: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.run.ok
+
+    @property
+    def exit_status(self) -> int:
+        return self.run.exit_status
+
+    def json_extra(self) -> dict[str, Any]:
+        """The operation's own keys for :func:`mento_fab.report.to_json`."""
+        return {
+            "action": self.action,
+            "outcome": self.outcome,
+            "target": self.target,
+            "release": self.release,
+            "content_hash": self.content_hash,
+            "shared": self.shared,
+            "details": self.details,
+        }
+
+
+@dataclass
+class NodeReleases:
+    """The releases one node has (oldest first) and the one ``current`` points at."""
+
+    node: str
+    current: str | None
+    releases: list[str]
+    error: str | None = None
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def _map(conns: list[fabric.Connection], func: Callable[[Any], Any], fanout: int) -> dict[str, Any]:
+    """map_nodes that accepts an empty list (nothing to do, nothing returned)."""
+    return map_nodes(conns, func, fanout=fanout) if conns else {}
+
+
+def _check(result: NodeResult, what: str) -> NodeResult:
+    """Raise a one-line NodeError unless the command succeeded."""
+    if result.error:
+        raise NodeError(result.error)
+    if result.exit != 0:
+        lines = [x for x in result.stderr.strip().splitlines() if "previous errors" not in x]
+        detail = "; ".join(lines[-3:]) or f"exit {result.exit}"
+        raise _CommandFailed(f"{what} failed: {detail}", result)
+    return result
+
+
+class _CommandFailed(NodeError):
+    def __init__(self, message: str, result: NodeResult) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+def _upload(sftp: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` with pipelined SFTP writes (one round trip at close)."""
+    view = memoryview(data)
+    with sftp.open(path, "wb") as handle:
+        handle.set_pipelined(True)
+        for start in range(0, len(view), CHUNK):
+            handle.write(view[start : start + CHUNK])
+
+
+def _probe_command(target: str) -> str:
+    t = shlex.quote(target)
+    return (
+        f'printf "link=%s\\nhash=%s\\n" "$(readlink {t}/current 2>/dev/null)" '
+        f'"$(cat {t}/current/{META_DIR}/content-hash 2>/dev/null)"'
+    )
+
+
+def _parse_probe(text: str) -> tuple[str, str]:
+    values = dict(line.partition("=")[::2] for line in text.splitlines() if "=" in line)
+    return values.get("link", ""), values.get("hash", "")
+
+
+def _switch_command(target: str, release_dir: str, tmp: str) -> str:
+    """Point ``current`` at ``releases/<name>`` with one rename; refuse a missing release."""
+    t = shlex.quote(target)
+    link = shlex.quote(release_dir)
+    tmp_q = shlex.quote(f"{target}/{tmp}")
+    return (
+        f"test -d {t}/{link} || {{ echo 'release {release_dir} missing' >&2; exit 3; }}; "
+        f"ln -sfn -- {link} {tmp_q} && mv -T -- {tmp_q} {t}/current"
+    )
+
+
+def _prune_command(target: str, keep: int, nonces: Iterable[str]) -> str:
+    """Remove all but the newest ``keep`` releases before ``current`` (never ``current``)."""
+    t = shlex.quote(target)
+    removals = " ".join(shlex.quote(f"{target}/releases/{n}") for n in nonces)
+    cleanup = f"rm -f -- {removals}; " if removals else ""
+    return (
+        f"{cleanup}cd -- {t}/releases || exit 0; "
+        "cur=$(readlink ../current); cur=${cur##*/}; seen=0; n=0; "
+        f"for d in $(ls -1r | grep -E '^[0-9]{{8}}T[0-9]{{6}}Z-[0-9a-f]+$'); do "
+        'if [ "$d" = "$cur" ]; then seen=1; continue; fi; '
+        "[ $seen = 1 ] || continue; "  # newer than current (after a rollback): keep
+        f'n=$((n+1)); if [ $n -gt {int(keep)} ]; then rm -rf -- "$d"; fi; done'
+    )
+
+
+def _stage_command(
+    target: str,
+    release: Release,
+    checksum: str,
+    base: str | None,
+    install: bool,
+    pip_args: Sequence[str],
+) -> str:
+    """The one command that verifies, unpacks, links, installs and renames a release."""
+    name = release.name
+    rel = shlex.quote(f"{target}/releases")
+    stage = shlex.quote(f".staging-{name}")
+    tarball = shlex.quote(f".{name}.tar")
+    reuse = shlex.quote(f".{name}.reuse")
+    final = shlex.quote(name)
+    lines = [
+        "set -e",
+        f"cd -- {rel}",
+        f"trap 'rm -rf -- {stage} {tarball} {reuse}' EXIT",
+        # leftovers of an earlier run that died half-way (ours are unique by name)
+        f'for old in .staging-*; do [ "$old" = {stage} ] || rm -rf -- "$old"; done',
+        f"sum=$(openssl dgst -sha256 -r -- {tarball} 2>/dev/null || sha256sum -- {tarball})",
+        f'[ "${{sum%% *}}" = {shlex.quote(checksum)} ] || '
+        '{ echo "checksum mismatch after upload" >&2; exit 3; }',
+        f"mkdir -- {stage}",
+    ]
+    if base:
+        lines.append(
+            f"(cd -- {shlex.quote(base)} && xargs -0 -r cp -Pl --parents -t ../{stage} -- "
+            f"< ../{reuse})"
+        )
+    lines.append(f"tar -x -p --no-same-owner -f {tarball} -C {stage}")
+    if install:
+        pip = " ".join(shlex.quote(a) for a in pip_args)
+        lines += [
+            f"cd -- {stage}",
+            "if [ -f requirements.txt ] || [ -f pyproject.toml ] || [ -f setup.py ]; then",
+            f"  python3 -m venv {VENV_DIR} >&2",
+            "  export PIP_DISABLE_PIP_VERSION_CHECK=1",
+            f"  if [ -f requirements.txt ]; then {VENV_DIR}/bin/pip install -q {pip} "
+            "-r requirements.txt >&2; fi",
+            "  if [ -f pyproject.toml ] || [ -f setup.py ]; then "
+            f"{VENV_DIR}/bin/pip install -q {pip} . >&2; fi",
+            "fi",
+            "cd ..",
+        ]
+    lines.append(f"mv -T -- {stage} {final}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ deploy
+
+
+def _result(node: str, value: Any, start: float, stdout: str = "") -> NodeResult:
+    """A NodeResult from a map_nodes value (exception or message)."""
+    seconds = time.monotonic() - start
+    if isinstance(value, _CommandFailed):
+        return NodeResult(node, value.result.exit, stdout, str(value), None, seconds)
+    if isinstance(value, BaseException):
+        return NodeResult(node, None, stdout, "", describe_error(value), seconds)
+    return NodeResult(node, 0, stdout or str(value or ""), "", None, seconds)
+
+
+def _shared_groups(
+    conns: list[fabric.Connection], target: str, fanout: int
+) -> tuple[list[list[fabric.Connection]], dict[str, BaseException], list[str]]:
+    """Group nodes that see the same target directory (a cluster home) by nonce files.
+
+    Every node writes its own nonce file, then every node lists which it sees: two
+    parallel round trips however many nodes there are.
+    """
+    run_id = secrets.token_hex(6)
+    nonce = {connection_node(c): f".probe-{run_id}-{i}" for i, c in enumerate(conns)}
+    t = shlex.quote(target)
+
+    def write(conn: fabric.Connection) -> None:
+        path = shlex.quote(f"{target}/releases/{nonce[connection_node(conn)]}")
+        _check(execute(conn, f"mkdir -p -- {t}/releases && : > {path}"), "creating the target")
+
+    errors: dict[str, BaseException] = {}
+    for node, value in _map(conns, write, fanout).items():
+        if isinstance(value, BaseException):
+            errors[node] = value
+    alive = [c for c in conns if connection_node(c) not in errors]
+
+    def look(conn: fabric.Connection) -> frozenset[str]:
+        pattern = shlex.quote(f"{target}/releases/") + f".probe-{run_id}-*"
+        res = _check(execute(conn, f'for f in {pattern}; do echo "${{f##*/}}"; done'), "probe")
+        return frozenset(line for line in res.stdout.split() if line.startswith(".probe-"))
+
+    seen: dict[frozenset[str], list[fabric.Connection]] = {}
+    for conn, (node, value) in zip(alive, _map(alive, look, fanout).items(), strict=True):
+        if isinstance(value, BaseException):
+            errors[node] = value
+            continue
+        key = value if nonce[node] in value else frozenset({nonce[node]})
+        seen.setdefault(key, []).append(conn)
+    return list(seen.values()), errors, list(nonce.values())
+
+
+def deploy(
+    group: Iterable[fabric.Connection],
+    md: BeamtimeMetadata,
+    source: str | os.PathLike[str] = ".",
+    target: str | None = None,
+    *,
+    excludes: Iterable[str] = (),
+    session_root: str | os.PathLike[str] | None = None,
+    install: bool = False,
+    pip_args: Sequence[str] = (),
+    keep: int = DEFAULT_KEEP,
+    dry_run: bool = False,
+    fanout: int = DEFAULT_FANOUT,
+    on_event: EventCallback | None = None,
+    release: Release | None = None,
+) -> DeployReport:
+    """Deploy ``source`` to ``target`` on every node of ``group``; two-phase, all or none.
+
+    ``session_root`` (the metadata file's directory) lets token paths be translated
+    to what the nodes see. ``install`` builds ``.venv`` in the release from
+    ``requirements.txt``/``pyproject.toml`` with ``pip install <pip_args>`` (e.g.
+    ``--no-index --find-links DIR``) before the switch. ``on_event(node, event)``
+    is called with ``probed``, ``staging``, ``staged``, ``switched``.
+    Never raises for a node's failure; raises :class:`DeployError` for bad input.
+    """
+    start = time.monotonic()
+    if keep < 0:
+        raise DeployError("--keep must be 0 or more")
+    target_label = target or default_target(md)
+    remote = _remote_dir(target_label)
+    conns = list(group)
+    if release is None:
+        release = build_release(
+            source, excludes, extra_files=beamtime_files(md, session_root), install=install
+        )
+    log.info(
+        "release %s: %d files, %d bytes from %s",
+        release.name,
+        len(release.files),
+        release.size,
+        release.source,
+    )
+    event = on_event or (lambda node, what: None)
+
+    def finish(outcome: str, results: dict[str, NodeResult], **kw: Any) -> DeployReport:
+        run = RunReport(
+            command=f"deploy {release.name} to {target_label}",
+            results=[results[connection_node(c)] for c in conns],
+            seconds=time.monotonic() - start,
+        )
+        return DeployReport(
+            "deploy", outcome, target_label, release.name, release.content_hash, run, **kw
+        )
+
+    # Phase 0: one read-only command per node: what is current there?
+    probe_start = time.monotonic()
+    probed = map_nodes(conns, lambda c: execute(c, _probe_command(remote)), fanout=fanout)
+    results: dict[str, NodeResult] = {}
+    current: dict[str, tuple[str, str]] = {}
+    for node, value in probed.items():
+        res = value if isinstance(value, NodeResult) else _result(node, value, probe_start)
+        if res.ok:
+            current[node] = _parse_probe(res.stdout)
+            event(node, "probed")
+        else:
+            results[node] = dataclasses.replace(res, stdout="", stderr=res.stderr)
+    unchanged = {n for n, (_, h) in current.items() if h == release.content_hash}
+    for node in unchanged:
+        results[node] = NodeResult(node, 0, f"unchanged: already at {current[node][0]}", "")
+    details: dict[str, dict[str, Any]] = {
+        n: {"state": "unchanged", "current": current[n][0]} for n in unchanged
+    }
+    unreachable = sorted(n for n, r in results.items() if not r.ok)
+    if len(results) == len(conns) or (unreachable and not dry_run):
+        # Nothing to do, or a node we cannot reach: then no node may switch.
+        for node in unreachable:
+            details[node] = {"state": "failed"}
+        for conn in conns:
+            node = connection_node(conn)
+            if node not in results:
+                results[node] = NodeResult(
+                    node, 0, f"not staged: {', '.join(unreachable)} failed", ""
+                )
+                details[node] = {"state": "aborted"}
+        return finish("aborted" if unreachable else "unchanged", results, details=details)
+    todo = [c for c in conns if connection_node(c) not in results]
+
+    if dry_run:
+
+        def plan(conn: fabric.Connection) -> str:
+            node = connection_node(conn)
+            base = _read_manifest(conn, remote) if current[node][0] else None
+            data, reused = release.archive(base)
+            details[node] = {"state": "dry-run", "bytes": len(data), "reused": len(reused)}
+            return (
+                f"would send {len(data)} bytes ({len(release.files) - len(reused)} files, "
+                f"{len(reused)} reused) to {target_label}/releases/{release.name}"
+            )
+
+        plan_start = time.monotonic()
+        for node, value in _map(todo, plan, fanout).items():
+            results[node] = _result(node, value, plan_start)
+        outcome = "dry-run" if all(r.ok for r in results.values()) else "aborted"
+        return finish(outcome, results, details=details)
+
+    # Which nodes share one target directory: stage and switch once per group.
+    groups, errors, nonces = _shared_groups(todo, remote, fanout)
+    for node, exc in errors.items():
+        results[node] = _result(node, exc, start)
+    reps = [g[0] for g in groups]
+    members = {connection_node(g[0]): [connection_node(c) for c in g] for g in groups}
+    shared = [m for m in members.values() if len(m) > 1]
+
+    # Phase 1: stage on one node per group.
+    def stage(conn: fabric.Connection) -> str:
+        node = connection_node(conn)
+        event(node, "staging")
+        link, _ = current[node]
+        base_manifest = _read_manifest(conn, remote) if link else None
+        data, reused = release.archive(base_manifest)
+        base_dir = link.rsplit("/", 1)[-1] if base_manifest is not None and reused else None
+        sftp = ensure_open(conn).open_sftp_client()
+        try:
+            _upload(sftp, f"{remote}/releases/.{release.name}.tar", data)
+            if base_dir:
+                listing = b"\0".join(p.encode("utf-8", "surrogateescape") for p in reused)
+                _upload(sftp, f"{remote}/releases/.{release.name}.reuse", listing)
+        finally:
+            sftp.close()
+        checksum = hashlib.sha256(data).hexdigest()
+        command = _stage_command(remote, release, checksum, base_dir, install, pip_args)
+        _check(execute(conn, command), "staging")
+        event(node, "staged")
+        details[node] = {
+            "state": "staged",
+            "bytes": len(data),
+            "sent_files": len(release.files) - len(reused),
+            "reused": len(reused),
+            "base": link or None,
+        }
+        return f"staged {len(data)} bytes ({len(reused)} files reused)"
+
+    stage_start = time.monotonic()
+    staged = _map(reps, stage, fanout) if not errors else {}
+    failed = [n for n, v in staged.items() if isinstance(v, BaseException)]
+    if errors or failed:
+        # Nothing switches anywhere; remove what was staged (the failed ones clean
+        # up after themselves; a dead node's leftovers go with its next deploy).
+        good = [
+            c for c in reps if connection_node(c) in staged and connection_node(c) not in failed
+        ]
+
+        def unstage(conn: fabric.Connection) -> None:
+            staged_dir = shlex.quote(f"{remote}/releases/{release.name}")
+            nonce_files = " ".join(shlex.quote(f"{remote}/releases/{n}") for n in nonces)
+            _check(execute(conn, f"rm -rf -- {staged_dir} {nonce_files}"), "cleanup")
+
+        _map(good, unstage, fanout)
+        others = [c for c in reps if c not in good and connection_node(c) not in failed]
+        nonce_files = " ".join(shlex.quote(f"{remote}/releases/{n}") for n in nonces)
+        _map(others, lambda c: execute(c, f"rm -f -- {nonce_files}"), fanout)
+        blame = sorted(set(failed) | set(errors))
+        for rep in reps:
+            node = connection_node(rep)
+            for member in members[node]:
+                if node in failed:
+                    value = staged[node]
+                    res = _result(member, value, stage_start)
+                elif node in staged:
+                    res = NodeResult(
+                        member, 0, f"staged, then removed: not switched ({', '.join(blame)} failed)"
+                    )
+                else:
+                    res = NodeResult(member, 0, "not staged: another node failed")
+                results.setdefault(member, res)
+                details.setdefault(member, {}).update(state="aborted")
+        for node in errors:
+            details.setdefault(node, {}).update(state="failed")
+        for node in failed:
+            for member in members[node]:
+                details.setdefault(member, {}).update(state="failed")
+        log.warning("deploy aborted: staging failed on %s", ", ".join(blame))
+        return finish("aborted", results, shared=shared, details=details)
+
+    # Phase 2: every group staged: switch, then prune old releases.
+    tmp = f".current-{secrets.token_hex(6)}"
+
+    def switch(conn: fabric.Connection) -> str:
+        node = connection_node(conn)
+        command = _switch_command(remote, f"releases/{release.name}", tmp)
+        _check(execute(conn, command), "switching current")
+        event(node, "switched")
+        prune = _check(execute(conn, _prune_command(remote, keep, nonces)), "pruning")
+        return prune.stdout
+
+    switch_start = time.monotonic()
+    switched = _map(reps, switch, fanout)
+    bad = [n for n, v in switched.items() if isinstance(v, BaseException)]
+    if bad:
+        _revert(reps, remote, current, bad, fanout)
+    for rep in reps:
+        node = connection_node(rep)
+        for member in members[node]:
+            if node in bad:
+                results[member] = _result(member, switched[node], switch_start)
+                details[member]["state"] = "failed"
+            elif bad:
+                results[member] = NodeResult(member, 0, "switched back: another node failed")
+                details.setdefault(member, dict(details[node])).update(state="reverted")
+            else:
+                note = "" if member == node else f" (shared with {node})"
+                results[member] = NodeResult(
+                    member, 0, f"switched to {release.name}{note}", "", None,
+                    time.monotonic() - start,
+                )  # fmt: skip
+                details.setdefault(member, dict(details[node])).update(state="switched")
+                if member != node:
+                    details[member]["shared_with"] = node
+    return finish("aborted" if bad else "switched", results, shared=shared, details=details)
+
+
+def _revert(
+    reps: list[fabric.Connection],
+    remote: str,
+    current: dict[str, tuple[str, str]],
+    bad: list[str],
+    fanout: int,
+) -> None:
+    """Switch nodes that did switch back to what they had, so no node runs a mix."""
+    tmp = f".current-{secrets.token_hex(6)}"
+
+    def back(conn: fabric.Connection) -> None:
+        link = current[connection_node(conn)][0]
+        if link:
+            _check(execute(conn, _switch_command(remote, link, tmp)), "switching back")
+        else:
+            _check(execute(conn, f"rm -f -- {shlex.quote(remote + '/current')}"), "switching back")
+
+    _map([c for c in reps if connection_node(c) not in bad], back, fanout)
+
+
+def _read_manifest(conn: fabric.Connection, remote: str) -> list[list[Any]] | None:
+    """The entries of the node's current release, or None (then everything is sent)."""
+    path = f"{remote}/current/{META_DIR}/manifest.json"
+    res = execute(conn, f"cat -- {shlex.quote(path)} 2>/dev/null")
+    if not res.ok:
+        if res.error:
+            raise NodeError(res.error)
+        return None
+    try:
+        doc = json.loads(res.stdout)
+        entries = doc["entries"]
+        return [list(e) for e in entries if isinstance(e, list) and len(e) == 4]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable manifest in the current release", connection_node(conn))
+        return None
+
+
+# --------------------------------------------------------------------- rollback
+
+
+def _list_command(remote: str) -> str:
+    t = shlex.quote(remote)
+    return (
+        f'printf "link=%s\\n" "$(readlink {t}/current 2>/dev/null)"; '
+        f"ls -1 -- {t}/releases 2>/dev/null | grep -E '^[0-9]{{8}}T[0-9]{{6}}Z-[0-9a-f]+$' || true"
+    )
+
+
+def releases(
+    group: Iterable[fabric.Connection],
+    md: BeamtimeMetadata,
+    target: str | None = None,
+    *,
+    fanout: int = DEFAULT_FANOUT,
+) -> tuple[RunReport, dict[str, NodeReleases]]:
+    """What each node has under ``target``: releases (oldest first) and the current one."""
+    start = time.monotonic()
+    remote = _remote_dir(target or default_target(md))
+    conns = list(group)
+    outcome = map_nodes(conns, lambda c: execute(c, _list_command(remote)), fanout=fanout)
+    found: dict[str, NodeReleases] = {}
+    results = []
+    for node, value in outcome.items():
+        res = value if isinstance(value, NodeResult) else _result(node, value, start)
+        results.append(res)
+        if not res.ok:
+            found[node] = NodeReleases(node, None, [], res.error or res.stderr.strip())
+            continue
+        lines = res.stdout.splitlines()
+        link = lines[0].partition("=")[2] if lines else ""
+        found[node] = NodeReleases(node, link.rsplit("/", 1)[-1] or None, sorted(lines[1:]))
+    run = RunReport(f"releases {target or default_target(md)}", results, time.monotonic() - start)
+    return run, found
+
+
+def rollback(
+    group: Iterable[fabric.Connection],
+    md: BeamtimeMetadata,
+    target: str | None = None,
+    *,
+    to: str | None = None,
+    fanout: int = DEFAULT_FANOUT,
+) -> DeployReport:
+    """Switch every node back to the release before ``current`` (or to release ``to``).
+
+    Two-phase like a deploy: first every node must have the same release to go to
+    (same content hash); only then does any node switch.
+    """
+    start = time.monotonic()
+    label = target or default_target(md)
+    remote = _remote_dir(label)
+    conns = list(group)
+    listing, found = releases(conns, md, target, fanout=fanout)
+    results: dict[str, NodeResult] = {}
+    choice: dict[str, str] = {}
+    for res in listing.results:
+        node = res.node
+        info = found[node]
+        if not res.ok:
+            results[node] = dataclasses.replace(res, stdout="")
+            continue
+        if to is not None:
+            if to not in info.releases:
+                results[node] = NodeResult(node, 1, "", f"no release {to} here", None)
+                continue
+            choice[node] = to
+            continue
+        if info.current is None or info.current not in info.releases:
+            results[node] = NodeResult(node, 1, "", "nothing to roll back: no current release")
+            continue
+        older = [r for r in info.releases if r < info.current]
+        if not older:
+            results[node] = NodeResult(node, 1, "", f"no release before {info.current}")
+            continue
+        choice[node] = older[-1]
+    hashes = {name.rsplit("-", 1)[-1] for name in choice.values()}
+    if not results and len(hashes) > 1:
+        for node, name in choice.items():
+            results[node] = NodeResult(
+                node, 1, "", f"nodes disagree on the previous release (here {name}); use --to"
+            )
+    details = {n: {"state": "aborted", "to": c} for n, c in choice.items()}
+    chosen = next(iter(choice.values()), None)
+
+    def finish(outcome: str) -> DeployReport:
+        run = RunReport(
+            f"rollback {label}", [results[connection_node(c)] for c in conns],
+            time.monotonic() - start,
+        )  # fmt: skip
+        return DeployReport("rollback", outcome, label, chosen, None, run, details=details)
+
+    if results:
+        for node in choice:
+            results.setdefault(node, NodeResult(node, 0, "not switched: another node failed"))
+        return finish("aborted")
+    tmp = f".current-{secrets.token_hex(6)}-"
+
+    def switch(conn: fabric.Connection) -> str:
+        node = connection_node(conn)
+        command = _switch_command(remote, f"releases/{choice[node]}", tmp + node)
+        _check(execute(conn, command), "switching current")
+        return f"switched back to {choice[node]}"
+
+    switched = _map(conns, switch, fanout)
+    bad = [n for n, v in switched.items() if isinstance(v, BaseException)]
+    if bad:
+        previous = {n: (f"releases/{found[n].current}", "") for n in choice}
+        _revert(conns, remote, previous, bad, fanout)
+    for node, value in switched.items():
+        results[node] = _result(node, value, start)
+        if bad and node not in bad:
+            results[node] = NodeResult(node, 0, "switched, then back: another node failed")
+        details[node]["state"] = "failed" if node in bad else ("reverted" if bad else "switched")
+    return finish("aborted" if bad else "switched")
