@@ -2,9 +2,11 @@
 
 Each node is a network namespace on a private bridge, with its own host name (UTS
 namespace), its own node-local tmpfs at ``/srv/local`` (mount namespace; ``/home``
-stays the host's, like a cluster home) and its own ``sshd``.  A small *holder*
-process owns a node's namespaces, so ``sshd`` (and ``slurmd``) can be stopped and
-restarted without losing the node's state.  The library never imports this package.
+stays the host's, like a cluster home), its own pid namespace (``ps``/``pkill`` on a
+node see that node only) and its own ``sshd``.  A tiny init (pid 1 of the node) owns
+the namespaces and reaps orphans, so ``sshd`` (and ``slurmd``) can be stopped and
+restarted without losing the node's state, and killing it kills everything on the
+node.  The library never imports this package.
 """
 
 from __future__ import annotations
