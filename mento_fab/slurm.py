@@ -63,6 +63,7 @@ __all__ = [
     "TERMINAL_STATES",
     "Job",
     "JobInfo",
+    "NoSubmitNode",
     "Reservation",
     "ReservationError",
     "Slurm",
@@ -113,6 +114,10 @@ _MISSING = ("(null)", "None", "Unknown", "N/A", "")
 
 class SlurmError(RuntimeError):
     """A Slurm command failed; the message is Slurm's own complaint, one line."""
+
+
+class NoSubmitNode(SlurmError):
+    """No reserved node could be reached to run Slurm commands on."""
 
 
 class ReservationError(SlurmError):
@@ -391,7 +396,7 @@ def pick_submit_node(
         except Exception as exc:
             errors.append(f"{connection_node(conn)}: {describe_error(exc, conn.connect_timeout)}")
             log.info("not submitting from %s: %s", connection_node(conn), errors[-1])
-    raise SlurmError("no node to run Slurm commands on: " + "; ".join(errors))
+    raise NoSubmitNode("no node to run Slurm commands on: " + "; ".join(errors))
 
 
 class Slurm:

@@ -1,0 +1,289 @@
+"""``submit``, ``jobs``, ``cancel`` and ``reservation``: Slurm in the beamtime's reservation.
+
+invoke takes one value per positional argument, so the job script's arguments
+go in one shell-quoted string (``mento-fab submit job.sh --args "a 'b c'"``)
+and several job ids in one word (``mento-fab cancel 12,13`` or ``"12 13"``).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import shlex
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from invoke import Context, Exit, task
+
+from mento_fab.tasks import _common as common
+from mento_fab.tasks import console
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+SLURM_HELP = {
+    **common.COMMON_HELP,
+    "submit_node": "node to run Slurm commands on (default: the first reachable reserved node)",
+    "connect_timeout": common.NODE_HELP["connect_timeout"],
+    "host_keys": common.NODE_HELP["host_keys"],
+    "ssh_config": common.NODE_HELP["ssh_config"],
+    "known_hosts": common.NODE_HELP["known_hosts"],
+}
+#: A job that ended without an exit code (forgotten by slurmctld, connection lost).
+LOST_EXIT = 255
+
+
+def slurm_errors(func: F) -> F:
+    """Slurm's complaints as one line: reservation problems 2, unreachable 255, others 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from mento_fab.slurm import NoSubmitNode, ReservationError, SlurmError
+
+        try:
+            return func(*args, **kwargs)
+        except ReservationError as exc:
+            raise Exit(f"mento-fab: {exc}", code=common.BAD_INPUT) from None
+        except NoSubmitNode as exc:
+            raise Exit(f"mento-fab: {exc}", code=255) from None
+        except SlurmError as exc:
+            raise Exit(f"mento-fab: {exc}", code=1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _open(
+    c: Context,
+    root_dir: str | None,
+    metadata: str | None,
+    submit_node: str | None,
+    connect_timeout: float | None,
+    host_keys: str | None,
+    ssh_config: str | None,
+    known_hosts: str | None,
+) -> Any:
+    """A Slurm client on the submit node, from task options."""
+    from mento_fab.slurm import Slurm, pick_submit_node
+
+    md, _ = common.load(c, root_dir, metadata)
+    grp = common.group(
+        c, md, connect_timeout=connect_timeout, host_keys=host_keys,
+        ssh_config=ssh_config, known_hosts=known_hosts,
+    )  # fmt: skip
+    try:
+        conn = pick_submit_node(grp, submit_node)
+    except BaseException:
+        grp.close()
+        raise
+    slurm = Slurm(conn, md)
+    slurm._own = [conn]
+    return slurm
+
+
+@task(
+    help={
+        **SLURM_HELP,
+        "script": "job script: a local file is uploaded first, otherwise a path on the node",
+        "args": "arguments for the script, as one shell-quoted string: --args \"a 'b c'\"",
+        "job_name": "job name (default mento_<beamline>_<beamtime>)",
+        "time": "time limit (default 1-0, one day)",
+        "dependency": "sbatch --dependency, e.g. afterok:123",
+        "output": "file for the job's output on the nodes (default Slurm's slurm-%j.out)",
+        "nodes": "how many nodes the job asks for (sbatch --nodes)",
+        "wait": "follow the job to its end and exit with its exit code",
+    }
+)
+@common.friendly
+@slurm_errors
+def submit(
+    c: Context,
+    script: str,
+    args: str | None = None,
+    job_name: str | None = None,
+    time: str | None = None,
+    dependency: str | None = None,
+    output: str | None = None,
+    nodes: str | None = None,
+    wait: bool = False,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    submit_node: str | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    json: bool = False,
+):
+    """Submit SCRIPT to the beamtime's reservation with sbatch; prints the job id."""
+    from mento_fab.slurm import DEFAULT_TIME
+
+    script_args = shlex.split(args) if args else []
+    slurm = _open(
+        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
+    )
+    try:
+        job = slurm.submit(
+            script, script_args, job_name=job_name, time=time or DEFAULT_TIME,
+            dependency=dependency, output=output, nodes=nodes,
+        )  # fmt: skip
+        if not json:
+            print(job.id, flush=True)
+        if not wait:
+            if json:
+                common.print_json({"job_id": job.id, "name": job.name, "submit_node": slurm.node})
+            return
+
+        def show(info: Any) -> None:
+            if not json:
+                print(f"job {info.id}: {info.state}", file=sys.stderr, flush=True)
+
+        info = job.wait(on_state=show)
+    finally:
+        slurm.close()
+    status = info.exit_code if info.exit_code is not None else LOST_EXIT
+    if json:
+        common.print_json({**info.as_dict(), "job_id": job.id, "submit_node": slurm.node})
+    elif info.exit_code is None:
+        print(f"job {job.id}: exit code lost (slurmctld forgot the job)", file=sys.stderr)
+    if status:
+        raise Exit(code=status)
+
+
+@task(help=SLURM_HELP)
+@common.friendly
+@slurm_errors
+def jobs(
+    c: Context,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    submit_node: str | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    json: bool = False,
+):
+    """List this account's jobs in the beamtime's reservation."""
+    slurm = _open(
+        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
+    )
+    try:
+        found = slurm.jobs()
+    finally:
+        slurm.close()
+    if json:
+        common.print_json(
+            {
+                "reservation": slurm.info.reservation,
+                "submit_node": slurm.node,
+                "jobs": [j.as_dict() for j in found],
+            }
+        )
+        return
+    rows = [[j.id, j.name, j.state, j.as_dict()["nodeset"] or j.reason, j.elapsed] for j in found]
+    console.print_table(
+        f"reservation {slurm.info.reservation}: {len(found)} job{'s' if len(found) != 1 else ''}",
+        ["id", "name", "state", "nodes", "elapsed"],
+        rows,
+    )
+
+
+@task(
+    help={
+        **SLURM_HELP,
+        "job_ids": "job ids, comma- or space-separated in one word: 12,13",
+        "all": "cancel all of this account's jobs in the reservation",
+    }
+)
+@common.friendly
+@slurm_errors
+def cancel(
+    c: Context,
+    job_ids: str | None = None,
+    all: bool = False,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    submit_node: str | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    json: bool = False,
+):
+    """Cancel jobs by id, or --all of this account's jobs in the reservation."""
+    ids = [j for j in re.split(r"[\s,]+", job_ids or "") if j]
+    if not ids and not all:
+        raise ValueError("name the job ids to cancel, or use --all")
+    slurm = _open(
+        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
+    )
+    try:
+        cancelled = slurm.cancel(ids, all=all)
+    finally:
+        slurm.close()
+    if json:
+        common.print_json({"cancelled": cancelled, "submit_node": slurm.node})
+    elif cancelled:
+        print(f"cancelled {', '.join(cancelled)}")
+    else:
+        print("no jobs to cancel", file=sys.stderr)
+
+
+@task(help=SLURM_HELP)
+@common.friendly
+@slurm_errors
+def reservation(
+    c: Context,
+    root_dir: str | None = None,
+    metadata: str | None = None,
+    submit_node: str | None = None,
+    connect_timeout: float | None = None,
+    host_keys: str | None = None,
+    ssh_config: str | None = None,
+    known_hosts: str | None = None,
+    json: bool = False,
+):
+    """Show the beamtime's reservation: state, start, end, nodes (vs. the metadata's)."""
+    from mento_fab.nodes import fold
+
+    slurm = _open(
+        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
+    )
+    try:
+        res = slurm.reservation()
+    finally:
+        slurm.close()
+    reserved = list(slurm.md.online.nodes)
+    only_metadata, only_slurm = res.compare(reserved)
+    problem = res.problem()
+    if json:
+        common.print_json(
+            {
+                "reservation": res.as_dict(),
+                "metadata_nodes": reserved,
+                "only_in_metadata": only_metadata,
+                "only_in_reservation": only_slurm,
+                "problem": problem,
+            }
+        )
+    else:
+        rows = [
+            ("Reservation", res.name),
+            ("State", res.state),
+            ("Start", f"{res.start:%Y-%m-%d %H:%M:%S}" if res.start else "-"),
+            ("End", f"{res.end:%Y-%m-%d %H:%M:%S}" if res.end else "-"),
+            ("Nodes", f"{fold(res.nodes)} ({len(res.nodes)})" if res.nodes else "-"),
+            ("Partition", res.partition or "-"),
+            ("Users", ",".join(res.users) or "-"),
+        ]
+        width = max(len(k) for k, _ in rows)
+        for key, value in rows:
+            print(f"{key.ljust(width)}  {value}")
+        if only_metadata:
+            print(f"not in the reservation but in the metadata: {fold(only_metadata)}")
+        if only_slurm:
+            print(f"in the reservation but not in the metadata: {fold(only_slurm)}")
+        if not (only_metadata or only_slurm):
+            print("nodes match the metadata")
+    if problem:
+        raise Exit(f"mento-fab: {problem}", code=common.BAD_INPUT)
