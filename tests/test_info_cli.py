@@ -330,3 +330,32 @@ def test_missing_token_error_names_the_token_path(beamtime, tmp_path, capsys):
     code, _, err = run_cli(capsys, "info", *_break(beamtime, "missing-token", tmp_path))
     assert code == 2
     assert str(beamtime.token_ro) in err
+
+
+def test_an_explicit_root_dir_beats_mento_metadata_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Option > environment: ``--root-dir`` on the command line wins over ``$MENTO_METADATA``."""
+    env_session = tmp_path / "env"
+    opt_session = tmp_path / "opt"
+    for where, beamtime in ((env_session, "11000001"), (opt_session, "11000002")):
+        current = where / "current"
+        current.mkdir(parents=True)
+        (current / f"beamtime-metadata-{beamtime}.json").write_text(
+            json.dumps({"beamline": "p11", "beamtimeId": beamtime, "corePath": "/asap3/x"})
+        )
+    env = {
+        **os.environ,
+        "MENTO_METADATA": str(next((env_session / "current").glob("*.json"))),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "mento_fab", "info", "--json", "--root-dir", str(opt_session)],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["beamtime"] == "11000002"
+    plain = subprocess.run(
+        [sys.executable, "-m", "mento_fab", "info", "--json"],
+        capture_output=True, text=True, env=env, check=False,
+    )  # fmt: skip
+    assert json.loads(plain.stdout)["beamtime"] == "11000001"

@@ -60,20 +60,34 @@ def setting(c: Context, name: str, option: Any = None) -> Any:
     env = ENVIRONMENT.get(name)
     if env and os.environ.get(env):
         return os.environ[env]
-    section = c.config.get("mento_fab") or {}
-    value = section.get(name) if hasattr(section, "get") else None
+    value = _config_section(c).get(name)
     return DEFAULTS.get(name) if value is None else value
+
+
+def _config_section(c: Context) -> Any:
+    """The ``mento_fab:`` section of the invoke config files (empty when absent)."""
+    section = c.config.get("mento_fab") or {}
+    return section if hasattr(section, "get") else {}
 
 
 def metadata_file(c: Context, root_dir: str | None, metadata: str | None) -> str:
     """The metadata file the options point at (the file wins over the root dir)."""
-    chosen = setting(c, "metadata", metadata)
-    if chosen:
-        return str(chosen)
-    # An explicit --root-dir beats $MENTO_METADATA from the environment.
+    # Options beat the environment, which beats the config file; at each level the
+    # metadata file beats the root dir.
+    if metadata:
+        return str(metadata)
     if root_dir is not None:
         return locate_metadata_file(root_dir)
-    return locate_metadata_file(setting(c, "root_dir"))
+    config = _config_section(c)
+    for file, directory in (
+        (os.environ.get(ENVIRONMENT["metadata"]), os.environ.get(ENVIRONMENT["root_dir"])),
+        (config.get("metadata"), config.get("root_dir")),
+    ):
+        if file:
+            return str(file)
+        if directory:
+            return locate_metadata_file(directory)
+    return locate_metadata_file(DEFAULTS["root_dir"])
 
 
 def load(c: Context, root_dir: str | None, metadata: str | None) -> tuple[BeamtimeMetadata, str]:
