@@ -542,6 +542,7 @@ def _stage_command(
         f"trap 'rm -rf -- {stage} {tarball} {reuse}' EXIT",
         # leftovers of an earlier run that died half-way (ours are unique by name)
         f'for old in .staging-*; do [ "$old" = {stage} ] || rm -rf -- "$old"; done',
+        "find . -maxdepth 1 -name '.probe-*' -mmin +10 -exec rm -f -- {} + 2>/dev/null || true",
         f"sum=$(openssl dgst -sha256 -r -- {tarball} 2>/dev/null || sha256sum -- {tarball})",
         f'[ "${{sum%% *}}" = {shlex.quote(checksum)} ] || '
         '{ echo "checksum mismatch after upload" >&2; exit 3; }',

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from invoke import Collection
 
-from mento_fab.tasks import core, slurm
+from mento_fab.tasks import core, deploy, slurm
 
 __all__ = ["namespace"]
 
@@ -16,7 +16,7 @@ __all__ = ["namespace"]
 def namespace() -> Collection:
     """A fresh collection of every mento_fab task (callers may add their own)."""
     ns = Collection()
-    for module in (core, slurm):
+    for module in (core, slurm, deploy):
         for name in dir(module):
             obj = getattr(module, name)
             if hasattr(obj, "body") and getattr(obj, "__module__", None) == module.__name__:
