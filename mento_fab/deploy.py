@@ -84,6 +84,10 @@ DEFAULT_EXCLUDES = (".git/", ".hg/", ".svn/", "__pycache__/", ".venv/", ".mento/
 IGNORE_FILE = ".mentoignore"
 META_DIR = ".mento"
 VENV_DIR = ".venv"
+#: Written last when staging: only ready releases are switched to or kept.
+READY = f"{META_DIR}/ready"
+#: Release directory names: ``<UTC time>-<hash prefix>``.
+RELEASE_GLOB = "[0-9]*T[0-9]*Z-*"
 CHUNK = 256 * 1024
 #: Events passed to ``on_event``: (node, event) — for progress and for tests.
 EventCallback = Callable[[str, str], None]
@@ -323,7 +327,8 @@ def build_release(
         digest.update(
             f"{e.path}\0{e.kind}\0{e.mode:o}\0{e.digest}\n".encode("utf-8", "surrogateescape")
         )
-    created = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    now = time.time()  # milliseconds: names sort by time even for quick redeploys
+    created = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + f".{int(now * 1000) % 1000:03d}Z"
     return Release(root, entries, digest.hexdigest(), created, install)
 
 
@@ -514,7 +519,7 @@ def _prune_command(target: str, keep: int, nonces: Iterable[str]) -> str:
     return (
         f"{cleanup}cd -- {t}/releases || exit 0; "
         "cur=$(readlink ../current); cur=${cur##*/}; seen=0; n=0; "
-        f"for d in $(ls -1r | grep -E '^[0-9]{{8}}T[0-9]{{6}}Z-[0-9a-f]+$'); do "
+        f"for d in $(ls -1r | grep -E '^[0-9]{{8}}T[0-9]{{6}}([.][0-9]+)?Z-[0-9a-f]+$'); do "
         'if [ "$d" = "$cur" ]; then seen=1; continue; fi; '
         "[ $seen = 1 ] || continue; "  # newer than current (after a rollback): keep
         f'n=$((n+1)); if [ $n -gt {int(keep)} ]; then rm -rf -- "$d"; fi; done'
@@ -528,8 +533,15 @@ def _stage_command(
     base: str | None,
     install: bool,
     pip_args: Sequence[str],
+    system_site_packages: bool = False,
 ) -> str:
-    """The one command that verifies, unpacks, links, installs and renames a release."""
+    """The one command that verifies, unpacks, links, installs and marks a release ready.
+
+    Files are unpacked into ``.staging-<name>`` and renamed to ``<name>``; a venv is
+    built after the rename (its scripts hold absolute paths). Only a release with
+    ``.mento/ready`` counts: a node that dies half-way leaves nothing a rollback or
+    the next deploy would use, and the next stage removes such leftovers.
+    """
     name = release.name
     rel = shlex.quote(f"{target}/releases")
     stage = shlex.quote(f".staging-{name}")
@@ -539,9 +551,12 @@ def _stage_command(
     lines = [
         "set -e",
         f"cd -- {rel}",
-        f"trap 'rm -rf -- {stage} {tarball} {reuse}' EXIT",
-        # leftovers of an earlier run that died half-way (ours are unique by name)
-        f'for old in .staging-*; do [ "$old" = {stage} ] || rm -rf -- "$old"; done',
+        "ok=0",
+        f"trap 'rm -rf -- {stage} {tarball} {reuse}; [ $ok = 1 ] || rm -rf -- {final}' EXIT",
+        # leftovers of earlier runs that died half-way (never the current release)
+        "cur=$(readlink ../current || true); cur=${cur##*/}",
+        f'for old in .staging-* {RELEASE_GLOB}; do case "$old" in {stage}|"$cur") continue;; esac; '
+        f'[ -e "$old/{READY}" ] || rm -rf -- "$old"; done',
         "find . -maxdepth 1 -name '.probe-*' -mmin +10 -exec rm -f -- {} + 2>/dev/null || true",
         f"sum=$(openssl dgst -sha256 -r -- {tarball} 2>/dev/null || sha256sum -- {tarball})",
         f'[ "${{sum%% *}}" = {shlex.quote(checksum)} ] || '
@@ -554,12 +569,14 @@ def _stage_command(
             f"< ../{reuse})"
         )
     lines.append(f"tar -x -p --no-same-owner -f {tarball} -C {stage}")
+    lines.append(f"mv -T -- {stage} {final}")
     if install:
         pip = " ".join(shlex.quote(a) for a in pip_args)
+        venv_opts = "--system-site-packages " if system_site_packages else ""
         lines += [
-            f"cd -- {stage}",
+            f"cd -- {final}",
             "if [ -f requirements.txt ] || [ -f pyproject.toml ] || [ -f setup.py ]; then",
-            f"  python3 -m venv {VENV_DIR} >&2",
+            f"  python3 -m venv {venv_opts}{VENV_DIR} >&2",
             "  export PIP_DISABLE_PIP_VERSION_CHECK=1",
             f"  if [ -f requirements.txt ]; then {VENV_DIR}/bin/pip install -q {pip} "
             "-r requirements.txt >&2; fi",
@@ -568,7 +585,7 @@ def _stage_command(
             "fi",
             "cd ..",
         ]
-    lines.append(f"mv -T -- {stage} {final}")
+    lines += [f": > {final}/{READY}", "ok=1"]
     return "\n".join(lines)
 
 
@@ -632,6 +649,7 @@ def deploy(
     session_root: str | os.PathLike[str] | None = None,
     install: bool = False,
     pip_args: Sequence[str] = (),
+    system_site_packages: bool = False,
     keep: int = DEFAULT_KEEP,
     dry_run: bool = False,
     fanout: int = DEFAULT_FANOUT,
@@ -643,7 +661,9 @@ def deploy(
     ``session_root`` (the metadata file's directory) lets token paths be translated
     to what the nodes see. ``install`` builds ``.venv`` in the release from
     ``requirements.txt``/``pyproject.toml`` with ``pip install <pip_args>`` (e.g.
-    ``--no-index --find-links DIR``) before the switch. ``on_event(node, event)``
+    ``--no-index --find-links DIR``) before the switch; ``system_site_packages``
+    lets the venv see the node's own packages (e.g. setuptools + wheel for
+    ``--no-build-isolation`` builds without network). ``on_event(node, event)``
     is called with ``probed``, ``staging``, ``staged``, ``switched``.
     Never raises for a node's failure; raises :class:`DeployError` for bad input.
     """
@@ -752,7 +772,9 @@ def deploy(
         finally:
             sftp.close()
         checksum = hashlib.sha256(data).hexdigest()
-        command = _stage_command(remote, release, checksum, base_dir, install, pip_args)
+        command = _stage_command(
+            remote, release, checksum, base_dir, install, pip_args, system_site_packages
+        )
         _check(execute(conn, command), "staging")
         event(node, "staged")
         details[node] = {
@@ -887,7 +909,8 @@ def _list_command(remote: str) -> str:
     t = shlex.quote(remote)
     return (
         f'printf "link=%s\\n" "$(readlink {t}/current 2>/dev/null)"; '
-        f"ls -1 -- {t}/releases 2>/dev/null | grep -E '^[0-9]{{8}}T[0-9]{{6}}Z-[0-9a-f]+$' || true"
+        f'for d in {t}/releases/{RELEASE_GLOB}; do [ -e "$d/{READY}" ] && '
+        'printf "%s\\n" "${d##*/}"; done; true'
     )
 
 
