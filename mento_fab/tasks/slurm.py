@@ -2,7 +2,9 @@
 
 invoke takes one value per positional argument, so the job script's arguments
 go in one shell-quoted string (``mento-fab submit job.sh --args "a 'b c'"``)
-and several job ids in one word (``mento-fab cancel 12,13`` or ``"12 13"``).
+and job ids to cancel with a repeatable option (``mento-fab cancel --job 12 --job 13``,
+or ``--job 12,13``; invoke positional arguments are always required, which
+would rule out ``cancel --all``).
 """
 
 from __future__ import annotations
@@ -191,15 +193,16 @@ def jobs(
 @task(
     help={
         **SLURM_HELP,
-        "job_ids": "job ids, comma- or space-separated in one word: 12,13",
+        "job": "job id to cancel (repeatable; also comma-separated: --job 12,13)",
         "all": "cancel all of this account's jobs in the reservation",
-    }
+    },
+    iterable=["job"],
 )
 @common.friendly
 @slurm_errors
 def cancel(
     c: Context,
-    job_ids: str | None = None,
+    job: list[str] | None = None,
     all: bool = False,
     root_dir: str | None = None,
     metadata: str | None = None,
@@ -211,7 +214,7 @@ def cancel(
     json: bool = False,
 ):
     """Cancel jobs by id, or --all of this account's jobs in the reservation."""
-    ids = [j for j in re.split(r"[\s,]+", job_ids or "") if j]
+    ids = [j for item in job or [] for j in re.split(r"[\s,]+", item) if j]
     if not ids and not all:
         raise ValueError("name the job ids to cancel, or use --all")
     slurm = _open(

@@ -1,0 +1,412 @@
+"""Slurm in the lab's reservation: sbatch/wait, dependencies, jobs/cancel, reservations, srun.
+
+The parsers are tested on Slurm 22.05's real output shapes first (no lab needed);
+the rest runs against the lab's slurmctld and one slurmd per node.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mento_fab.nodes import nodes_group
+from mento_fab.runner import run
+from mento_fab.slurm import (
+    Job,
+    ReservationError,
+    Slurm,
+    parse_job,
+    parse_key_values,
+    parse_label_output,
+    parse_reservation,
+    parse_squeue,
+    run_via_slurm,
+    sbatch_argv,
+)
+
+WAIT = 60  # seconds any job in these tests may take at most
+
+
+def mento(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "mento_fab", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# ------------------------------------------------------------------- parsers
+RESERVATION_TEXT = (
+    "ReservationName=11019999 StartTime=2026-11-24T22:32:19 EndTime=2027-11-24T22:32:19 "
+    "Duration=365-00:00:00 Nodes=cn[01-04] NodeCnt=4 CoreCnt=8 Features=(null) "
+    "PartitionName=lab Flags=IGNORE_JOBS,SPEC_NODES TRES=cpu=8 Users=mentolab Groups=(null) "
+    "Accounts=(null) Licenses=(null) State=ACTIVE BurstBuffer=(null) Watts=n/a "
+    "MaxStartDelay=(null)"
+)
+
+
+def test_reservation_key_values_are_parsed() -> None:
+    res = parse_reservation(RESERVATION_TEXT)
+    assert res.name == "11019999"
+    assert res.state == "ACTIVE" and res.active
+    assert res.nodes == ["cn01", "cn02", "cn03", "cn04"]
+    assert res.start == datetime.datetime(2026, 11, 24, 22, 32, 19)
+    assert res.partition == "lab" and res.users == ["mentolab"]
+    assert res.flags == ["IGNORE_JOBS", "SPEC_NODES"]
+    assert res.problem(now=datetime.datetime(2027, 1, 1)) is None
+    assert "not active yet" in res.problem(now=datetime.datetime(2026, 1, 1))
+    assert "is over" in res.problem(now=datetime.datetime(2028, 1, 1))
+    assert res.compare(["cn01", "cn02", "cn05"]) == (["cn05"], ["cn03", "cn04"])
+
+
+def test_job_name_with_spaces_and_equals_like_text_survives() -> None:
+    text = (
+        "JobId=7 JobName=my job|x UserId=mentolab(1001) JobState=FAILED Reason=NonZeroExitCode "
+        "ExitCode=3:0 RunTime=00:00:02 NodeList=cn[01-02] Command=/tmp/j.sh a b"
+    )
+    kv = parse_key_values(text)
+    assert kv["JobName"] == "my job|x"
+    assert kv["Command"] == "/tmp/j.sh a b"
+    job = parse_job(text)
+    assert (job.state, job.exit_code, job.nodes) == ("FAILED", 3, ["cn01", "cn02"])
+
+
+@pytest.mark.parametrize(
+    ("state", "code", "expected"),
+    [
+        ("COMPLETED", "0:0", 0),
+        ("FAILED", "3:0", 3),
+        ("CANCELLED", "0:15", 143),
+        ("TIMEOUT", "0:0", 1),  # ended badly without a code: still not 0
+        ("RUNNING", "0:0", None),
+    ],
+)
+def test_exit_codes_from_scontrol(state: str, code: str, expected: int | None) -> None:
+    assert parse_job(f"JobId=1 JobState={state} ExitCode={code}").exit_code == expected
+
+
+def test_squeue_rows_split_on_the_unit_separator_only() -> None:
+    row = "\x1f".join(["12", "RUNNING", "1:02", "2", "cn[01-02]", "None", "a|b c\x1fd"])
+    (job,) = parse_squeue(row + "\n\n")
+    assert job.id == "12" and job.state == "RUNNING" and job.elapsed == "1:02"
+    assert job.nodes == ["cn01", "cn02"] and job.reason == ""
+    assert job.name == "a|b c\x1fd"  # the name is last: it may contain anything
+
+
+def test_label_output_maps_tasks_to_nodes_and_keeps_a_missing_newline() -> None:
+    token = "MENTO-abc"
+    lines = [
+        ("stderr", " 1: early err"),  # before task 1's start marker arrived
+        ("stdout", " 0: MENTO-abc start cn07"),
+        ("stdout", " 1: MENTO-abc start cn09"),
+        ("stdout", " 0: line one"),
+        ("stdout", " 0: "),
+        ("stdout", " 0: lastMENTO-abc end cn07 0"),
+        ("stdout", "10: MENTO-abc end cn09 5"),
+        ("stderr", "srun: error: cn09: task 1: Exited with exit code 5"),
+    ]
+    node_of, pieces, exits, loose = parse_label_output(lines, token)
+    assert node_of == {0: "cn07", 1: "cn09", 10: "cn09"}
+    assert "".join(pieces[0]["stdout"]) == "line one\n\nlast"
+    assert "".join(pieces[1]["stderr"]) == "early err\n"
+    assert exits == {0: 0, 10: 5}
+    assert loose == ["srun: error: cn09: task 1: Exited with exit code 5"]
+
+
+def test_sbatch_argv_quotes_arguments_with_spaces(lab_metadata_obj) -> None:
+    argv = sbatch_argv(
+        lab_metadata_obj, "/x/job.sh", ["a b", "$HOME", "it's"], dependency="afterok:3"
+    )
+    line = shlex.join(argv)
+    assert shlex.split(line) == argv
+    assert "--reservation=11019999" in argv and "--dependency=afterok:3" in argv
+    assert "--job-name=mento_p11_11019999" in argv and "--time=1-0" in argv
+
+
+@pytest.fixture
+def lab_metadata_obj():
+    from mento_fab.metadata import BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
+
+    return BeamtimeMetadata(
+        beamline="p11",
+        beamtime="11019999",
+        corefs_path="/asap3/petra3/gpfs/p11/2026/data/11019999",
+        tag="current",
+        online=OnlineInfo(
+            ssh=SSHInfo("mentolab", "/nonexistent"),
+            slurm=SlurmInfo("lab", "11019999"),
+            nodes=["cn01"],
+        ),
+    )
+
+
+# ------------------------------------------------------------------- the lab
+@pytest.fixture
+def slurm(slurm_lab, slurm_session: Path) -> Iterator[Slurm]:
+    with Slurm.open(slurm_session, ssh_config=slurm_lab.ssh_config) as client:
+        yield client
+        client.cancel(all=True)
+
+
+@pytest.fixture
+def workdir(slurm_lab) -> Iterator[str]:
+    """A fresh directory in the lab user's (shared) home, as a path on the nodes."""
+    path = slurm_lab.home / f"mento-test-{uuid.uuid4().hex[:8]}"
+    slurm_lab.ssh("cn01", f"mkdir -p {path}")
+    yield str(path)
+    slurm_lab.ssh("cn01", f"rm -rf {path}")
+
+
+def script(tmp_path: Path, body: str, name: str = "job.sh") -> Path:
+    path = tmp_path / name
+    path.write_text("#!/bin/sh\n" + body + "\n")
+    path.chmod(0o755)
+    return path
+
+
+def test_submit_uploads_a_local_script_and_wait_gives_its_success(slurm, tmp_path, workdir):
+    job = slurm.submit(
+        script(tmp_path, 'echo "args: $1|$2" > "$3"; hostname >> "$3"'),
+        ["a b", "it's", f"{workdir}/out"],
+        output="/dev/null",
+    )
+    info = job.wait(timeout=WAIT)
+    assert (info.state, info.exit_code) == ("COMPLETED", 0)
+    out = slurm.call(["cat", f"{workdir}/out"]).stdout.splitlines()
+    assert out[0] == "args: a b|it's"
+    assert out[1] in slurm.md.online.nodes
+
+
+def test_a_failing_job_propagates_its_exit_code(slurm, tmp_path) -> None:
+    job = slurm.submit(script(tmp_path, "exit 7"), output="/dev/null")
+    info = job.wait(timeout=WAIT)
+    assert info.state == "FAILED" and info.exit_code == 7
+    assert job.state() == "FAILED"  # kept, also once slurmctld forgets the job
+
+
+def test_cli_submit_wait_exits_with_the_job_exit_code(slurm_lab, slurm_session, tmp_path):
+    path = script(tmp_path, "exit 5")
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)}
+    proc = mento("submit", str(path), "--metadata", str(slurm_session), "--output",
+                 "/dev/null", "--wait", env=env)  # fmt: skip
+    assert proc.returncode == 5, proc.stderr
+    assert proc.stdout.strip().isdigit()
+    assert "FAILED" in proc.stderr
+
+
+def test_dependency_orders_jobs(slurm, tmp_path, workdir) -> None:
+    first = slurm.submit(
+        script(tmp_path, f"sleep 2; echo first >> {workdir}/log", "a.sh"), output="/dev/null"
+    )
+    second = slurm.submit(
+        script(tmp_path, f"echo second >> {workdir}/log", "b.sh"),
+        dependency=f"afterok:{first.id}",
+        output="/dev/null",
+    )
+    pending = second.info()
+    assert pending.state == "PENDING"
+    assert second.wait(timeout=WAIT).exit_code == 0
+    assert first.info().state == "COMPLETED"
+    assert slurm.call(["cat", f"{workdir}/log"]).stdout == "first\nsecond\n"
+
+
+def test_dependency_that_can_never_be_met_stays_pending_until_cancelled(slurm, tmp_path):
+    failing = slurm.submit(script(tmp_path, "exit 1", "f.sh"), output="/dev/null")
+    assert failing.wait(timeout=WAIT).exit_code == 1
+    after = slurm.submit(script(tmp_path, "true", "t.sh"), dependency=f"afterok:{failing.id}")
+    time.sleep(1)
+    assert after.state() == "PENDING"
+    after.cancel()
+    info = after.wait(timeout=WAIT)
+    assert info.state == "CANCELLED" and info.exit_code != 0
+
+
+def test_jobs_lists_and_cancel_all_removes_this_accounts_jobs(slurm, tmp_path) -> None:
+    path = script(tmp_path, "sleep 120")
+    submitted = [slurm.submit(path, output="/dev/null", job_name=f"sleeper {i}") for i in range(2)]
+    listed = {j.id: j for j in slurm.jobs()}
+    for job in submitted:
+        assert job.id in listed
+        assert listed[job.id].state in ("PENDING", "RUNNING", "CONFIGURING")
+    assert {listed[j.id].name for j in submitted} == {"sleeper 0", "sleeper 1"}
+    cancelled = slurm.cancel(all=True)
+    assert {j.id for j in submitted} <= set(cancelled)
+    for job in submitted:
+        assert job.wait(timeout=WAIT).state == "CANCELLED"
+    assert not [j for j in slurm.jobs() if j.id in cancelled and j.state == "RUNNING"]
+
+
+def test_cli_jobs_json_and_cancel(slurm_lab, slurm_session, slurm, tmp_path) -> None:
+    job = slurm.submit(script(tmp_path, "sleep 120"), output="/dev/null")
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    listed = mento("jobs", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    assert job.id in [j["id"] for j in json.loads(listed.stdout)["jobs"]]
+    cancelled = mento("cancel", "--job", job.id, env=env)
+    assert cancelled.returncode == 0 and job.id in cancelled.stdout
+    assert job.wait(timeout=WAIT).state == "CANCELLED"
+    assert mento("cancel", "--job", "12;rm", env=env).returncode == 2  # not a job id: refused
+
+
+def test_reservation_is_active_and_matches_the_metadata(slurm, slurm_lab) -> None:
+    res = slurm.reservation()
+    assert res.name == slurm_lab.reservation and res.active
+    assert set(slurm.md.online.nodes) <= set(res.nodes)
+    assert res.problem() is None
+
+
+def test_cli_reservation_shows_the_nodes_the_metadata_lacks(slurm_lab, slurm_session):
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    proc = mento("reservation", env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert "ACTIVE" in proc.stdout
+    # the session has cn01..cn04, the lab's reservation holds every node
+    assert "in the reservation but not in the metadata: cn[05-" in proc.stdout
+    data = json.loads(mento("reservation", "--json", env=env).stdout)
+    assert data["only_in_metadata"] == [] and "cn05" in data["only_in_reservation"]
+
+
+def test_missing_reservation_is_a_clear_error(slurm_lab, tmp_path) -> None:
+    md = slurm_lab.make_session(
+        tmp_path, slurm_lab.nodes[:2], onlineAnalysis={"slurmReservation": "no_such_resv"}
+    )
+    with (
+        Slurm.open(md, ssh_config=slurm_lab.ssh_config) as client,
+        pytest.raises(ReservationError, match="no_such_resv not found"),
+    ):
+        client.reservation()
+    proc = mento("reservation", "--metadata", str(md),
+                 env={"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)})  # fmt: skip
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "no_such_resv not found" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_reservation_not_active_yet_exits_2(slurm_lab, tmp_path) -> None:
+    from lab.slurm import client_env
+
+    name = f"future{uuid.uuid4().hex[:6]}"
+    subprocess.run(
+        ["scontrol", "create", "reservation", f"ReservationName={name}", "StartTime=now+1day",
+         "Duration=60", f"Users={slurm_lab.user}", "Nodes=cn01",
+         f"PartitionName={slurm_lab.partition}", "Flags=OVERLAP"],
+        env=client_env(slurm_lab), check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        md = slurm_lab.make_session(
+            tmp_path, slurm_lab.nodes[:1], onlineAnalysis={"slurmReservation": name}
+        )
+        proc = mento("reservation", "--metadata", str(md),
+                     env={"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)})  # fmt: skip
+        assert proc.returncode == 2
+        assert "INACTIVE" in proc.stdout
+        assert f"reservation {name} is not active yet" in proc.stderr
+    finally:
+        subprocess.run(["scontrol", "delete", f"ReservationName={name}"],
+                       env=client_env(slurm_lab), check=False)  # fmt: skip
+
+
+# --------------------------------------------------------------- srun fan-out
+COMMAND = (
+    'printf "out %s\\n\\nno newline" "$(hostname)"; echo "err $(hostname)" >&2; '
+    "case $(hostname) in cn02) exit 3;; cn04) exit 9;; esac"
+)
+
+
+def test_via_slurm_matches_the_ssh_path_on_every_node(slurm_lab, slurm_session) -> None:
+    group = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
+    try:
+        over_ssh = run(group, COMMAND)
+        seen: list[tuple[str, str, str]] = []
+        over_slurm = run_via_slurm(
+            group, slurm_session_md(slurm_session), COMMAND, on_line=lambda *a: seen.append(a)
+        )
+    finally:
+        group.close()
+    assert [r.node for r in over_slurm.results] == ["cn01", "cn02", "cn03", "cn04"]
+    for a, b in zip(over_ssh.results, over_slurm.results, strict=True):
+        assert (b.node, b.exit, b.error) == (a.node, a.exit, None)
+        assert b.stdout == a.stdout == f"out {a.node}\n\nno newline"
+        assert b.stderr == a.stderr == f"err {a.node}\n"
+    assert over_slurm.exit_status == over_ssh.exit_status == 9
+    assert ("cn03", "stderr", "err cn03") in seen and ("cn02", "stdout", "no newline") in seen
+
+
+def slurm_session_md(path: Path):
+    from mento_fab.metadata import parse_metadata_file
+
+    return parse_metadata_file(path)
+
+
+def test_cli_via_slurm_json_equals_via_ssh(slurm_lab, slurm_session) -> None:
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    results = {}
+    for via in ("ssh", "slurm"):
+        proc = mento("run-on-nodes", COMMAND, "--json", "--via", via, env=env)
+        assert proc.returncode == 9, proc.stderr
+        data = json.loads(proc.stdout)
+        results[via] = [(n["node"], n["exit"], n["stdout"], n["stderr"]) for n in data["nodes"]]
+    assert results["slurm"] == results["ssh"]
+
+
+def test_via_slurm_timeout_and_a_node_subset(slurm_lab, slurm_session) -> None:
+    group = nodes_group(slurm_session, nodes="cn[02-03]", ssh_config=slurm_lab.ssh_config)
+    try:
+        report = run_via_slurm(
+            group,
+            slurm_session_md(slurm_session),
+            '[ "$(hostname)" = cn03 ] && sleep 30; echo done',
+            timeout=2,
+        )
+    finally:
+        group.close()
+    assert report["cn02"].exit == 0 and report["cn02"].stdout == "done\n"
+    assert report["cn03"].exit is None and "timed out after 2 s" in report["cn03"].error
+    assert report.seconds < 20
+    assert report.exit_status == 255
+
+
+def test_via_slurm_fails_with_a_message_when_the_nodes_are_busy(
+    slurm_lab, slurm_session, slurm, tmp_path
+) -> None:
+    blocker = slurm.submit(
+        script(tmp_path, "sleep 120"), output="/dev/null", nodes=1,
+        extra=["--exclusive", "--nodelist=cn02"],
+    )  # fmt: skip
+    deadline = time.monotonic() + WAIT
+    while blocker.state() != "RUNNING":
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    group = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
+    try:
+        start = time.monotonic()
+        report = run_via_slurm(group, slurm_session_md(slurm_session), "true", immediate=2)
+    finally:
+        group.close()
+        blocker.cancel()
+    assert time.monotonic() - start < 20
+    assert all(r.exit is None for r in report.results)
+    assert "srun: error" in report["cn01"].error
+    assert report.exit_status == 255
+
+
+def test_job_handle_reads_an_existing_job(slurm, tmp_path) -> None:
+    job = slurm.submit(script(tmp_path, "true"), output="/dev/null")
+    again = slurm.job(job.id)
+    assert isinstance(again, Job)
+    assert again.wait(timeout=WAIT).exit_code == 0
+    with pytest.raises(ValueError):
+        slurm.job("1; rm -rf ~")
