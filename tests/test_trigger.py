@@ -1,0 +1,190 @@
+"""The trigger API: original call shapes, one reused connection, handles, background queue."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mento_fab.trigger import Trigger, TriggerError, TriggerMethod, split_arg_list
+
+WAIT = 60
+
+
+# ------------------------------------------------------------ no lab needed
+@pytest.mark.parametrize(
+    ("arg_list", "argv"),
+    [
+        (["cmd"], ["cmd"]),
+        (["cmd a1 'a 2'"], ["cmd", "a1", "a 2"]),
+        (["cmd", ["a 1", 2]], ["cmd", "a 1", "2"]),
+        (["cmd", "a 1", "$HOME"], ["cmd", "a 1", "$HOME"]),
+    ],
+)
+def test_the_originals_four_arg_list_shapes(arg_list, argv) -> None:
+    assert split_arg_list(arg_list) == argv
+
+
+def test_method_values_match_the_original() -> None:
+    assert [m.name for m in TriggerMethod] == [
+        "SLURM_REST_API", "REMOTE_COMMAND", "REMOTE_SBATCH_SCRIPT", "LOCAL_BASH_SCRIPT",
+    ]  # fmt: skip
+    assert TriggerMethod.REMOTE_SBATCH_SCRIPT == 3
+
+
+def test_local_bash_script_returns_its_exit_status(beamtime, tmp_path: Path) -> None:
+    script = tmp_path / "s.sh"
+    script.write_text('#!/bin/sh\necho "[$1]"; exit 4\n')
+    script.chmod(0o755)
+    trig = Trigger(TriggerMethod.LOCAL_BASH_SCRIPT, beamtime.root)
+    handle = trig.run([str(script), "a b"])
+    assert handle.done() and handle.exit_status == 4 and handle.stdout == "[a b]\n"
+    with pytest.raises(TriggerError, match="exit 4"):
+        handle.check()
+    with pytest.raises(FileNotFoundError):
+        trig.run([str(tmp_path / "missing.sh")])
+    script.chmod(0o644)
+    with pytest.raises(RuntimeError, match="not executable"):
+        trig.run([str(script)])
+    with pytest.raises(RuntimeError, match="not provided"):
+        trig.run([])
+    trig.close()
+
+
+def test_unknown_and_unavailable_methods(beamtime) -> None:
+    with pytest.raises(RuntimeError, match="not known"):
+        Trigger(99, beamtime.root)
+    trig = Trigger(TriggerMethod.SLURM_REST_API, beamtime.root)
+    with pytest.raises(NotImplementedError):
+        trig.run(["x"])
+
+
+def test_a_full_queue_fails_the_handle_instead_of_blocking(beamtime, tmp_path, caplog) -> None:
+    script = tmp_path / "slow.sh"
+    script.write_text("#!/bin/sh\nsleep 0.5\n")
+    script.chmod(0o755)
+    trig = Trigger(TriggerMethod.LOCAL_BASH_SCRIPT, beamtime.root, max_pending=1)
+    with caplog.at_level(logging.ERROR, logger="mento_fab.trigger"):
+        start = time.monotonic()
+        handles = [trig.run([str(script)], background=True) for _ in range(4)]
+        assert time.monotonic() - start < 0.3  # never blocks the caller
+    dropped = [h for h in handles if h.done() and h.error and "pending" in h.error]
+    assert dropped, [h.error for h in handles]
+    assert any("trigger dropped" in r.getMessage() for r in caplog.records)
+    trig.close()
+    assert all(h.done() for h in handles)
+    assert sum(h.ok for h in handles) == len(handles) - len(dropped)
+
+
+# ------------------------------------------------------------------ the lab
+@pytest.fixture
+def remote(slurm_lab, slurm_session: Path) -> Iterator[Trigger]:
+    trig = Trigger(
+        TriggerMethod.REMOTE_COMMAND, metadata=slurm_session, ssh_config=slurm_lab.ssh_config
+    )
+    yield trig
+    trig.close()
+
+
+def test_200_triggers_in_a_row_use_one_transport(remote) -> None:
+    transport = None
+    for i in range(200):
+        handle = remote.run(["echo", str(i)])
+        assert handle.ok and handle.stdout == f"{i}\n"
+        current = remote.connection().transport
+        transport = transport or current
+        assert current is transport
+    assert remote.connects == {"cn01": 1}
+
+
+def test_arguments_reach_the_command_unsplit_and_unexpanded(remote) -> None:
+    args = ["a b", "$HOME", "it's", "*", "x;y", ""]
+    handle = remote.run(["printf", "[%s]\\n", *args])
+    assert handle.ok
+    assert handle.stdout.splitlines() == [f"[{a}]" for a in args]
+
+
+def test_destination_picks_the_node(remote) -> None:
+    assert remote.run(["hostname"], destination="cn03").stdout == "cn03\n"
+    assert remote.run(["hostname"]).stdout == "cn01\n"
+
+
+def test_a_trigger_after_sshd_restarted_and_the_session_dropped(remote, slurm_lab) -> None:
+    assert remote.run(["true"]).ok
+    slurm_lab.restart_sshd("cn01")  # open sessions survive a restart ...
+    assert remote.run(["hostname"]).stdout == "cn01\n"
+    assert remote.connects == {"cn01": 1}
+    # ... so drop ours too, from the node's side: its sshd session processes die
+    for pid, cmd in slurm_lab.node_pids("cn01").items():
+        if cmd.startswith("sshd:"):
+            os.kill(pid, signal.SIGTERM)  # a host pid: we are root on the host
+    handle = remote.run(["hostname"])
+    assert handle.ok, handle.error
+    assert handle.stdout == "cn01\n"
+    assert remote.connects == {"cn01": 2}
+
+
+def test_background_triggers_never_block_and_keep_failures(remote, caplog) -> None:
+    assert remote.run(["true"]).ok  # connected before timing the queueing
+    with caplog.at_level(logging.ERROR, logger="mento_fab.trigger"):
+        start = time.monotonic()
+        handles = [
+            remote.run(["sh", "-c", f"sleep 0.2; exit {3 if i == 2 else 0}"], background=True)
+            for i in range(5)
+        ]
+        queued = time.monotonic() - start
+        assert queued < 0.1
+        assert not all(h.done() for h in handles)
+        for handle in handles:
+            handle.wait(WAIT)
+    assert [h.exit_status for h in handles] == [0, 0, 3, 0, 0]
+    assert not handles[2].ok and handles[2].background
+    with pytest.raises(TriggerError, match="exit 3"):
+        handles[2].check()
+    assert any("trigger failed" in r.getMessage() and "exit 3" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+
+
+def test_background_failure_to_reach_a_node_lands_on_the_handle(slurm_lab, tmp_path) -> None:
+    md = slurm_lab.make_session(tmp_path, slurm_lab.nodes[:2])
+    done = threading.Event()
+    trig = Trigger(
+        TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=slurm_lab.ssh_config,
+        connect_timeout=2, on_done=lambda h: done.set(),
+    )  # fmt: skip
+    slurm_lab.stop_sshd("cn02")
+    try:
+        handle = trig.run(["true"], destination="cn02", background=True)
+        assert handle.wait(WAIT).exit_status is None
+        assert "unreachable" in handle.error or "refused" in handle.error
+        assert done.wait(5)
+    finally:
+        slurm_lab.start_sshd("cn02")
+        trig.close()
+
+
+def test_sbatch_trigger_returns_the_job(slurm_lab, slurm_session, tmp_path) -> None:
+    home = slurm_lab.home
+    script = home / f"trig-{tmp_path.name}.sh"
+    log_file = home / f"trig-{tmp_path.name}.log"
+    script.write_text('#!/bin/sh\necho "got [$1]"\nexit 6\n')
+    script.chmod(0o755)
+    trig = Trigger(metadata=slurm_session, ssh_config=slurm_lab.ssh_config)
+    try:
+        handle = trig.run([str(script), "a b"], job_name="trig test", log_file=str(log_file))
+        assert handle.ok and handle.job_id and handle.job_id.isdigit()
+        info = handle.job.wait(timeout=WAIT)
+        assert (info.state, info.exit_code, info.name) == ("FAILED", 6, "trig test")
+        assert log_file.read_text() == "got [a b]\n"
+        bad = trig.run(["/nonexistent/job.sh"])
+        assert bad.job_id is None and "Unable to open file" in bad.error
+    finally:
+        trig.close()
+        script.unlink(missing_ok=True)
+        log_file.unlink(missing_ok=True)
