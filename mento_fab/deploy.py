@@ -149,6 +149,11 @@ class Release:
         return [e for e in self.entries if e.kind == _FILE]
 
     @property
+    def user_files(self) -> list[Entry]:
+        """Files from the source tree (without the generated ``.mento/`` ones)."""
+        return [e for e in self.files if not _is_meta(e.path)]
+
+    @property
     def size(self) -> int:
         return sum(e.size for e in self.entries)
 
@@ -512,12 +517,16 @@ def _switch_command(target: str, release_dir: str, tmp: str) -> str:
 
 
 def _prune_command(target: str, keep: int, nonces: Iterable[str]) -> str:
-    """Remove all but the newest ``keep`` releases before ``current`` (never ``current``)."""
+    """Remove all but the newest ``keep`` releases before ``current`` (never ``current``).
+
+    Also removes every nonce file: this run's, and those a node that died during an
+    earlier run left behind (one deploy per target at a time is assumed).
+    """
     t = shlex.quote(target)
     removals = " ".join(shlex.quote(f"{target}/releases/{n}") for n in nonces)
     cleanup = f"rm -f -- {removals}; " if removals else ""
     return (
-        f"{cleanup}cd -- {t}/releases || exit 0; "
+        f"{cleanup}cd -- {t}/releases || exit 0; rm -f -- .probe-*; "
         "cur=$(readlink ../current); cur=${cur##*/}; seen=0; n=0; "
         f"for d in $(ls -1r | grep -E '^[0-9]{{8}}T[0-9]{{6}}([.][0-9]+)?Z-[0-9a-f]+$'); do "
         'if [ "$d" = "$cur" ]; then seen=1; continue; fi; '
@@ -557,7 +566,6 @@ def _stage_command(
         "cur=$(readlink ../current || true); cur=${cur##*/}",
         f'for old in .staging-* {RELEASE_GLOB}; do case "$old" in {stage}|"$cur") continue;; esac; '
         f'[ -e "$old/{READY}" ] || rm -rf -- "$old"; done',
-        "find . -maxdepth 1 -name '.probe-*' -mmin +10 -exec rm -f -- {} + 2>/dev/null || true",
         f"sum=$(openssl dgst -sha256 -r -- {tarball} 2>/dev/null || sha256sum -- {tarball})",
         f'[ "${{sum%% *}}" = {shlex.quote(checksum)} ] || '
         '{ echo "checksum mismatch after upload" >&2; exit 3; }',
@@ -574,7 +582,7 @@ def _stage_command(
         pip = " ".join(shlex.quote(a) for a in pip_args)
         venv_opts = "--system-site-packages " if system_site_packages else ""
         lines += [
-            f"cd -- {final}",
+            f"(cd -- {final}",  # a subshell: the EXIT trap's paths stay right
             "if [ -f requirements.txt ] || [ -f pyproject.toml ] || [ -f setup.py ]; then",
             f"  python3 -m venv {venv_opts}{VENV_DIR} >&2",
             "  export PIP_DISABLE_PIP_VERSION_CHECK=1",
@@ -582,8 +590,7 @@ def _stage_command(
             "-r requirements.txt >&2; fi",
             "  if [ -f pyproject.toml ] || [ -f setup.py ]; then "
             f"{VENV_DIR}/bin/pip install -q {pip} . >&2; fi",
-            "fi",
-            "cd ..",
+            "fi)",
         ]
     lines += [f": > {final}/{READY}", "ok=1"]
     return "\n".join(lines)
@@ -737,7 +744,7 @@ def deploy(
             data, reused = release.archive(base)
             details[node] = {"state": "dry-run", "bytes": len(data), "reused": len(reused)}
             return (
-                f"would send {len(data)} bytes ({len(release.files) - len(reused)} files, "
+                f"would send {len(data)} bytes ({len(release.user_files) - len(reused)} files, "
                 f"{len(reused)} reused) to {target_label}/releases/{release.name}"
             )
 
@@ -780,7 +787,7 @@ def deploy(
         details[node] = {
             "state": "staged",
             "bytes": len(data),
-            "sent_files": len(release.files) - len(reused),
+            "sent_files": len(release.user_files) - len(reused),
             "reused": len(reused),
             "base": link or None,
         }
@@ -792,19 +799,15 @@ def deploy(
     if errors or failed:
         # Nothing switches anywhere; remove what was staged (the failed ones clean
         # up after themselves; a dead node's leftovers go with its next deploy).
-        good = [
-            c for c in reps if connection_node(c) in staged and connection_node(c) not in failed
-        ]
+        # Clean up wherever the connection still works (after a failed command too).
+        def reachable(conn: fabric.Connection) -> bool:
+            value = staged.get(connection_node(conn))
+            return not isinstance(value, BaseException) or isinstance(value, _CommandFailed)
 
-        def unstage(conn: fabric.Connection) -> None:
-            staged_dir = shlex.quote(f"{remote}/releases/{release.name}")
-            nonce_files = " ".join(shlex.quote(f"{remote}/releases/{n}") for n in nonces)
-            _check(execute(conn, f"rm -rf -- {staged_dir} {nonce_files}"), "cleanup")
-
-        _map(good, unstage, fanout)
-        others = [c for c in reps if c not in good and connection_node(c) not in failed]
+        staged_dir = shlex.quote(f"{remote}/releases/{release.name}")
         nonce_files = " ".join(shlex.quote(f"{remote}/releases/{n}") for n in nonces)
-        _map(others, lambda c: execute(c, f"rm -f -- {nonce_files}"), fanout)
+        cleanup = f"rm -rf -- {staged_dir} {nonce_files}"
+        _map([c for c in reps if reachable(c)], lambda c: execute(c, cleanup), fanout)
         blame = sorted(set(failed) | set(errors))
         for rep in reps:
             node = connection_node(rep)

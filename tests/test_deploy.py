@@ -1,0 +1,407 @@
+"""``mento_fab.deploy`` and ``mento-fab deploy``: on the lab's real nodes, plus pure units.
+
+Node-local targets live on each node's private ``/srv/local`` tmpfs; shared targets
+in the lab user's home, which every node sees (like a cluster home).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mento_fab import deploy as dp
+from mento_fab.metadata import parse_metadata_file
+from mento_fab.nodes import nodes_group
+
+HOSTILE = "-rf $(touch pwned) 'it''s' \"q\"; `x`.py"
+NODES = ["cn01", "cn02", "cn03", "cn04"]
+
+
+# ----------------------------------------------------------------------- helpers
+
+
+def on_node(lab, node: str, command: str) -> str:
+    """Run a shell command as root inside a node (sees its own /srv/local)."""
+    proc = lab.node_exec(node, ["sh", "-c", command])
+    return proc.stdout
+
+
+def make_project(root: Path) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "analysis.py").write_text("VERSION = 1\n")
+    (root / "run.sh").write_text("#!/bin/sh\necho run\n")
+    (root / "run.sh").chmod(0o755)
+    (root / "private.cfg").write_text("x=1\n")
+    (root / "private.cfg").chmod(0o600)
+    (root / "pkg").mkdir(exist_ok=True)
+    (root / "pkg" / "lib.py").write_text("def f():\n    return 2\n")
+    (root / "pkg").chmod(0o750)
+    (root / HOSTILE).write_text("hostile\n")
+    (root / "data").mkdir(exist_ok=True)
+    for i in range(20):
+        (root / "data" / f"f{i:02d}.txt").write_text(f"{i}\n" * 3000)
+    os.symlink("analysis.py", root / "alias.py")
+    return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    return make_project(tmp_path / "project")
+
+
+@pytest.fixture
+def session(lab, lab_session: Path):
+    md = parse_metadata_file(lab_session)
+    grp = nodes_group(md, ssh_config=lab.ssh_config)
+    try:
+        yield md, grp, lab_session
+    finally:
+        grp.close()
+
+
+@pytest.fixture
+def local_target(lab) -> Iterator[str]:
+    target = f"/srv/local/deploy-{uuid.uuid4().hex[:8]}"
+    yield target
+    for node in NODES:
+        lab.node_exec(node, ["rm", "-rf", "--", target])
+
+
+@pytest.fixture
+def shared_target(lab) -> Iterator[str]:
+    name = f"deploy-{uuid.uuid4().hex[:8]}"
+    yield f"~/{name}"
+    shutil.rmtree(lab.home / name, ignore_errors=True)
+
+
+def run_deploy(session, source: Path, target: str, **kw):
+    md, grp, path = session
+    return dp.deploy(grp, md, source, target, session_root=Path(path).parent, **kw)
+
+
+def current_of(lab, node: str, target: str) -> str:
+    return on_node(lab, node, f"readlink {target}/current").strip()
+
+
+def release_dirs(lab, node: str, target: str) -> list[str]:
+    return on_node(lab, node, f"ls -A {target}/releases").split()
+
+
+# ------------------------------------------------------------------ pure units
+
+
+def test_content_hash_is_stable_and_sensitive(tmp_path: Path) -> None:
+    src = make_project(tmp_path / "p")
+    first = dp.build_release(src)
+    os.utime(src / "analysis.py", (1, 1))  # mtime is not content
+    assert dp.build_release(src).content_hash == first.content_hash
+    (src / "analysis.py").chmod(0o700)  # a mode is
+    moded = dp.build_release(src)
+    assert moded.content_hash != first.content_hash
+    (src / "analysis.py").chmod(0o644)
+    (src / "analysis.py").write_text("VERSION = 2\n")
+    assert dp.build_release(src).content_hash not in (first.content_hash, moded.content_hash)
+
+
+def test_symlink_outside_the_tree_is_refused(tmp_path: Path) -> None:
+    src = make_project(tmp_path / "p")
+    os.symlink("/etc/passwd", src / "passwd")
+    with pytest.raises(dp.UnsafeSourceError, match="outside the source tree"):
+        dp.build_release(src)
+    (src / "passwd").unlink()
+    os.symlink("../../outside", src / "pkg" / "up")
+    with pytest.raises(dp.UnsafeSourceError):
+        dp.build_release(src)
+
+
+def test_excludes_mentoignore_git_pycache_and_venvs(tmp_path: Path) -> None:
+    src = make_project(tmp_path / "p")
+    (src / ".git").mkdir()
+    (src / ".git" / "HEAD").write_text("ref\n")
+    (src / "__pycache__").mkdir()
+    (src / "__pycache__" / "a.pyc").write_bytes(b"\0")
+    (src / "myenv").mkdir()
+    (src / "myenv" / "pyvenv.cfg").write_text("home = /usr\n")
+    (src / "build").mkdir()
+    (src / "build" / "out.bin").write_bytes(b"\1")
+    (src / "run.log").write_text("log\n")
+    (src / "keep.log").write_text("keep\n")
+    (src / "secret.txt").write_text("s\n")
+    (src / ".mentoignore").write_text("*.log\n!keep.log\nbuild/\n")
+    paths = {e.path for e in dp.build_release(src, ["secret*"]).entries}
+    assert "analysis.py" in paths and "keep.log" in paths and ".mentoignore" in paths
+    for gone in (".git", "__pycache__", "myenv", "build", "run.log", "secret.txt"):
+        assert not any(p == gone or p.startswith(gone + "/") for p in paths), gone
+
+
+def test_token_paths_are_translated_to_the_beamline_mount() -> None:
+    assert (
+        dp.node_path("/gpfs/current/shared/t.txt", "/gpfs/current", "/beamline/p11")
+        == "/beamline/p11/shared/t.txt"
+    )
+    # outside the session root (e.g. core filesystem): unchanged
+    assert dp.node_path("/asap3/x/t.txt", "/gpfs/current", "/beamline/p11") == "/asap3/x/t.txt"
+    assert dp.node_path("/gpfs/current/t", None, "/beamline/p11") == "/gpfs/current/t"
+
+
+def test_bad_targets_are_refused() -> None:
+    for bad in ("", "~", "/", "~other/x"):
+        with pytest.raises(dp.DeployError):
+            dp._remote_dir(bad)
+    assert dp._remote_dir("~/mento_fab/1") == "mento_fab/1"
+
+
+# --------------------------------------------------------------------- the lab
+
+
+def test_deploy_node_local_redeploy_one_file_and_noop(lab, session, project, local_target):
+    md = session[0]
+    first = run_deploy(session, project, local_target)
+    assert first.outcome == "switched" and first.exit_status == 0, first.run.results
+    assert first.shared == []  # /srv/local is a different disk on every node
+    name = first.release
+    for node in NODES:
+        assert current_of(lab, node, local_target) == f"releases/{name}"
+        cur = f"{local_target}/current"
+        assert on_node(lab, node, f"cat {cur}/analysis.py") == "VERSION = 1\n"
+        modes = on_node(
+            lab, node, f"stat -c '%a %n' {cur}/run.sh {cur}/private.cfg {cur}/pkg "
+            f"{cur}/.mento/beamtime.env {cur}/.mento/beamtime.json"
+        ).split("\n")  # fmt: skip
+        assert [m.split()[0] for m in modes if m] == ["755", "600", "750", "600", "600"]
+        assert on_node(lab, node, f"readlink {cur}/alias.py").strip() == "analysis.py"
+        assert on_node(lab, node, f"cat {cur}/{_q(HOSTILE)}") == "hostile\n"
+        owner = on_node(lab, node, f"stat -c %U {cur}/analysis.py").strip()
+        assert owner == lab.user
+    assert not any(Path(p).exists() for p in ("pwned", str(lab.home / "pwned")))
+
+    # beamtime files: token *paths* as the nodes see them, never the tokens
+    env = on_node(lab, "cn01", f"cat {local_target}/current/.mento/beamtime.env")
+    meta = json.loads(on_node(lab, "cn01", f"cat {local_target}/current/.mento/beamtime.json"))
+    assert meta["beamtime"] == md.beamtime and meta["reservation"] == md.online.slurm.reservation
+    assert meta["asapo_token_rw_file"] == "/beamline/p11/shared/asapo-token.txt"
+    token = Path(md.asapo.token_rw).read_text().strip()
+    assert token not in env and token not in json.dumps(meta)
+    assert "MENTO_ASAPO_TOKEN_RO_FILE=/beamline/p11/shared/asapo-token-clbt.txt" in env
+
+    # one changed file: only it travels, the rest is hard-linked, the old release intact
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    second = run_deploy(session, project, local_target)
+    assert second.outcome == "switched", second.run.results
+    files = len(dp.build_release(project).files)
+    for node in NODES:
+        assert second.details[node]["sent_files"] == 1
+        assert second.details[node]["reused"] == files - 1
+        assert on_node(lab, node, f"cat {local_target}/current/analysis.py") == "VERSION = 2\n"
+        old = f"{local_target}/releases/{name}"
+        assert on_node(lab, node, f"cat {old}/analysis.py") == "VERSION = 1\n"
+        inodes = on_node(
+            lab, node, f"stat -c %i {old}/pkg/lib.py {local_target}/current/pkg/lib.py"
+        )
+        assert len(set(inodes.split())) == 1  # shared, never modified in place
+        assert on_node(lab, node, f"stat -c %a {local_target}/current/run.sh").strip() == "755"
+    assert second.details["cn01"]["bytes"] < first.details["cn01"]["bytes"] / 2
+
+    # no change: a no-op, one command per node, nothing new on the nodes
+    third = run_deploy(session, project, local_target)
+    assert third.outcome == "unchanged" and third.exit_status == 0
+    assert all("unchanged" in r.stdout for r in third.run.results)
+    assert all(len(release_dirs(lab, n, local_target)) == 2 for n in NODES)
+
+
+def _q(name: str) -> str:
+    import shlex
+
+    return shlex.quote(name)
+
+
+def test_shared_target_is_detected_and_staged_once(lab, session, project, shared_target):
+    report = run_deploy(session, project, shared_target)
+    assert report.outcome == "switched", report.run.results
+    assert report.shared == [NODES]
+    staged = [n for n, d in report.details.items() if "shared_with" not in d]
+    assert staged == ["cn01"]
+    home = lab.home / shared_target[2:]
+    names = [p.name for p in (home / "releases").iterdir()]
+    assert names == [report.release]  # one release, no nonce or staging leftovers
+    assert os.readlink(home / "current") == f"releases/{report.release}"
+    for node in NODES:
+        assert on_node(lab, node, f"cat {home}/current/analysis.py") == "VERSION = 1\n"
+
+
+def test_failed_node_means_no_switch_and_rerun_succeeds(lab, session, project, local_target):
+    first = run_deploy(session, project, local_target)
+    assert first.ok
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    md, _, path = session
+    lab.stop_sshd("cn03")
+    try:
+        grp = nodes_group(md, ssh_config=lab.ssh_config, connect_timeout=3)
+        report = dp.deploy(grp, md, project, local_target, session_root=Path(path).parent)
+        grp.close()
+    finally:
+        lab.start_sshd("cn03")
+    assert report.outcome == "aborted" and report.exit_status == 255
+    assert report["cn03"].error if hasattr(report, "__getitem__") else True
+    assert report.run["cn03"].error and "cn03" in report.run["cn01"].stdout
+    for node in NODES:
+        assert current_of(lab, node, local_target) == f"releases/{first.release}"
+        assert release_dirs(lab, node, local_target) == [first.release]
+    rerun = run_deploy(session, project, local_target)
+    assert rerun.outcome == "switched" and rerun.exit_status == 0
+    assert {current_of(lab, n, local_target) for n in NODES} == {f"releases/{rerun.release}"}
+
+
+def test_node_dying_during_staging_switches_nothing(lab, session, project, local_target):
+    first = run_deploy(session, project, local_target)
+    assert first.ok
+    (project / "analysis.py").write_text("VERSION = 3\n")
+
+    def kill_cn02(node: str, event: str) -> None:
+        if node == "cn02" and event == "staging":
+            lab.stop_sshd("cn02")
+            for pid, cmd in lab.node_pids("cn02").items():
+                if "sshd" in cmd:
+                    os.kill(pid, signal.SIGKILL)
+
+    try:
+        report = run_deploy(session, project, local_target, on_event=kill_cn02)
+    finally:
+        lab.start_sshd("cn02")
+    assert report.outcome == "aborted" and report.exit_status == 255, report.run.results
+    assert report.run["cn02"].error
+    assert report.details["cn01"]["state"] == "aborted"
+    for node in NODES:
+        assert current_of(lab, node, local_target) == f"releases/{first.release}"
+        assert on_node(lab, node, f"cat {local_target}/current/analysis.py") == "VERSION = 1\n"
+    for node in ("cn01", "cn03", "cn04"):  # the staged copies were removed
+        assert release_dirs(lab, node, local_target) == [first.release]
+    # the dead node's half-staged leftovers are cleaned by the next deploy
+    md, _, path = session
+    grp = nodes_group(md, ssh_config=lab.ssh_config)
+    try:
+        rerun = dp.deploy(grp, md, project, local_target, session_root=Path(path).parent)
+    finally:
+        grp.close()
+    assert rerun.outcome == "switched", rerun.run.results
+    for node in NODES:
+        assert sorted(release_dirs(lab, node, local_target)) == [first.release, rerun.release]
+
+
+def test_rollback_and_releases(lab, session, project, local_target):
+    md, grp, _ = session
+    first = run_deploy(session, project, local_target)
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    second = run_deploy(session, project, local_target)
+    assert first.ok and second.ok
+    _, found = dp.releases(grp, md, local_target)
+    assert all(f.current == second.release for f in found.values())
+    assert all(f.releases == [first.release, second.release] for f in found.values())
+    back = dp.rollback(grp, md, local_target)
+    assert back.outcome == "switched" and back.release == first.release
+    for node in NODES:
+        assert on_node(lab, node, f"cat {local_target}/current/analysis.py") == "VERSION = 1\n"
+    again = dp.rollback(grp, md, local_target)  # nothing before the first: no node moves
+    assert again.outcome == "aborted" and again.exit_status == 1
+    assert {current_of(lab, n, local_target) for n in NODES} == {f"releases/{first.release}"}
+    forward = dp.rollback(grp, md, local_target, to=second.release)
+    assert forward.ok
+    assert {current_of(lab, n, local_target) for n in NODES} == {f"releases/{second.release}"}
+
+
+def test_keep_prunes_old_releases(lab, session, project, local_target):
+    names = []
+    for version in range(4):
+        (project / "analysis.py").write_text(f"VERSION = {version}\n")
+        report = run_deploy(session, project, local_target, keep=1)
+        assert report.ok
+        names.append(report.release)
+    for node in NODES:
+        assert sorted(release_dirs(lab, node, local_target)) == names[-2:]
+
+
+def test_dry_run_changes_nothing(lab, session, project, local_target):
+    report = run_deploy(session, project, local_target, dry_run=True)
+    assert report.outcome == "dry-run" and report.ok
+    assert all("would send" in r.stdout for r in report.run.results)
+    assert report.details["cn01"]["bytes"] > 0
+    for node in NODES:
+        assert on_node(lab, node, f"test -e {local_target} && echo yes").strip() == ""
+
+
+def test_install_builds_a_venv_before_the_switch(lab, session, tmp_path, local_target):
+    src = tmp_path / "tiny"
+    (src / "tinypkg").mkdir(parents=True)
+    (src / "tinypkg" / "__init__.py").write_text("ANSWER = 42\n")
+    (src / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        '[project]\nname = "tinypkg"\nversion = "0.1"\n'
+    )
+    offline = ["--no-index", "--no-build-isolation"]
+    report = run_deploy(
+        session, src, local_target, install=True, pip_args=offline, system_site_packages=True
+    )
+    assert report.outcome == "switched", report.run.results
+    for node in NODES[:2]:
+        out = on_node(
+            lab, node,
+            f"cd / && {local_target}/current/.venv/bin/python -c "
+            "'import tinypkg, sys; print(tinypkg.ANSWER, tinypkg.__file__)'",
+        )  # fmt: skip
+        assert out.startswith("42 ") and "site-packages" in out
+    # a failed install (a requirement that cannot be found offline) switches nothing
+    (src / "requirements.txt").write_text("surely-not-a-package-mento==9.9\n")
+    bad = run_deploy(
+        session, src, local_target, install=True, pip_args=offline, system_site_packages=True
+    )
+    assert bad.outcome == "aborted" and bad.exit_status == 1
+    assert "staging failed" in bad.run["cn01"].stderr
+    for node in NODES:
+        assert current_of(lab, node, local_target) == f"releases/{report.release}"
+        assert release_dirs(lab, node, local_target) == [report.release]
+
+
+def test_cli_deploy_json_and_exit_status(lab, lab_session, project, local_target):
+    env = {**os.environ, "MENTO_SSH_CONFIG": str(lab.ssh_config)}
+    env.pop("MENTO_METADATA", None)
+    argv = [
+        sys.executable, "-m", "mento_fab.cli", "deploy", "--metadata", str(lab_session),
+        "--source", str(project), "--target", local_target, "--json",
+    ]  # fmt: skip
+    cli = [sys.executable, "-c", "from mento_fab.cli import main; main()", *argv[3:]]
+    proc = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["outcome"] == "switched" and doc["summary"]["exit_status"] == 0
+    assert [n["node"] for n in doc["nodes"]] == NODES
+    assert set(doc["nodes"][0]) == {"node", "exit", "stdout", "stderr", "error", "seconds"}
+    assert doc["release"].endswith(doc["content_hash"][:16])
+    again = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
+    assert json.loads(again.stdout)["outcome"] == "unchanged" and again.returncode == 0
+    (project / "analysis.py").write_text("VERSION = 9\n")
+    lab.stop_sshd("cn04")
+    try:
+        failed = subprocess.run(
+            [*cli, "--connect-timeout", "3"], capture_output=True, text=True, env=env, timeout=120
+        )
+    finally:
+        lab.start_sshd("cn04")
+    assert failed.returncode == 255
+    doc = json.loads(failed.stdout)
+    assert doc["outcome"] == "aborted"
+    cn04 = next(n for n in doc["nodes"] if n["node"] == "cn04")
+    assert cn04["exit"] is None and cn04["error"]
+    bad = subprocess.run(
+        [*cli[:3], "deploy", "--metadata", str(lab_session), "--source", "/nonexistent"],
+        capture_output=True, text=True, env=env, timeout=60,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "source is not a directory" in bad.stderr
