@@ -181,7 +181,12 @@ def versions() -> str:
     import fabric
     import paramiko
 
-    slurm = subprocess.run(["srun", "--version"], capture_output=True, text=True).stdout
+    slurm = (
+        "Slurm "
+        + subprocess.run(
+            ["dpkg-query", "-W", "-f", "${Version}", "slurm-client"], capture_output=True, text=True
+        ).stdout
+    )
     ssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr
     return (
         f"fabric {fabric.__version__}, paramiko {paramiko.__version__}, "
