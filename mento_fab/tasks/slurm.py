@@ -166,6 +166,8 @@ def jobs(
     json: bool = False,
 ):
     """List this account's jobs in the beamtime's reservation."""
+    from mento_fab.nodes import fold
+
     slurm = _open(
         c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
     )
@@ -182,7 +184,10 @@ def jobs(
             }
         )
         return
-    rows = [[j.id, j.name, j.state, j.as_dict()["nodeset"] or j.reason, j.elapsed] for j in found]
+    rows = [
+        [j.id, j.name, j.state, fold(j.nodes) if j.nodes else f"({j.reason or 'none'})", j.elapsed]
+        for j in found
+    ]
     console.print_table(
         f"reservation {slurm.info.reservation}: {len(found)} job{'s' if len(found) != 1 else ''}",
         ["id", "name", "state", "nodes", "elapsed"],
