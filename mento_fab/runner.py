@@ -16,6 +16,7 @@ import re
 import select
 import shlex
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -299,15 +300,19 @@ def map_nodes(
     *,
     fanout: int = DEFAULT_FANOUT,
     on_done: Callable[[str, T | BaseException], None] | None = None,
+    executor: ThreadPoolExecutor | None = None,
 ) -> dict[str, T | BaseException]:
     """Call ``func`` on each Connection, at most ``fanout`` at a time.
 
     The building block for deploy and slurm: returns ``{node: value or exception}``
-    in node order; exceptions are returned, not raised.
+    in node order; exceptions are returned, not raised. ``executor`` (with at most
+    ``fanout`` workers) reuses threads across calls; ``func`` must not wait on it.
     """
     conns = list(connections)
     if fanout < 1:
         raise ValueError("fanout must be at least 1")
+    if not conns:
+        return {}
     outcome: dict[str, T | BaseException] = {connection_node(c): None for c in conns}  # type: ignore[misc]
 
     def call(conn: fabric.Connection) -> None:
@@ -323,10 +328,27 @@ def map_nodes(
     if len(conns) == 1 or fanout == 1:
         for conn in conns:
             call(conn)
+    elif executor is not None:
+        list(executor.map(call, conns))
     else:
         with ThreadPoolExecutor(max_workers=min(fanout, len(conns))) as pool:
             list(pool.map(call, conns))
     return outcome
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _shared_pool(workers: int) -> ThreadPoolExecutor:
+    """Worker threads kept across runs: starting and joining 32 threads for every
+    command on open connections cost about a sixth of a warm run."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mento-run-{workers}")
+            _POOLS[workers] = pool
+        return pool
 
 
 def run(
@@ -352,7 +374,7 @@ def run(
         if on_result is not None and isinstance(value, NodeResult):
             on_result(value)
 
-    outcome = map_nodes(group, one, fanout=fanout, on_done=done)
+    outcome = map_nodes(group, one, fanout=fanout, on_done=done, executor=_shared_pool(fanout))
     results = [
         v if isinstance(v, NodeResult) else NodeResult(node=n, error=describe_error(v))
         for n, v in outcome.items()

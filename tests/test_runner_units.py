@@ -118,3 +118,11 @@ def test_known_hosts_appends_concurrently_without_losing_lines(tmp_path: Path) -
     reread = KnownHosts(path)
     assert reread.lookup(["10.0.0.7"])[key.get_name()] == key
     assert reread.lookup(["cn99"]) == {}
+
+
+def test_map_nodes_with_nothing_to_do_returns_nothing() -> None:
+    from mento_fab.runner import map_nodes
+
+    assert map_nodes([], lambda conn: 1) == {}
+    with pytest.raises(ValueError, match="fanout"):
+        map_nodes([], lambda conn: 1, fanout=0)
