@@ -251,7 +251,6 @@ def test_failed_node_means_no_switch_and_rerun_succeeds(lab, session, project, l
     finally:
         lab.start_sshd("cn03")
     assert report.outcome == "aborted" and report.exit_status == 255
-    assert report["cn03"].error if hasattr(report, "__getitem__") else True
     assert report.run["cn03"].error and "cn03" in report.run["cn01"].stdout
     for node in NODES:
         assert current_of(lab, node, local_target) == f"releases/{first.release}"
