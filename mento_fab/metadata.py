@@ -144,9 +144,37 @@ def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMe
     Raises ``FileNotFoundError`` when the file or a file it names is missing and
     :class:`MetadataError` for anything wrong inside it.
     """
-    from mento_fab.schemas import load_metadata  # schemas import the dataclasses above
+    from mento_fab import metacache
 
-    return load_metadata(metadatafile_path)
+    path = Path(metadatafile_path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Metadata file not found: {path}") from None
+    except IsADirectoryError:
+        raise MetadataError(path, "is a directory, not a metadata file") from None
+
+    cached = metacache.lookup(path, raw)
+    if cached is None:
+        from mento_fab.schemas import load_document  # marshmallow: only for new content
+
+        md, files = load_document(path, raw)
+        metacache.store(path, raw, md, files)
+    else:
+        md, files = cached
+    # After validation: a missing file is FileNotFoundError, not MetadataError.
+    for key, file in files:
+        try:
+            present = os.path.isfile(file)
+        except (OSError, ValueError):
+            present = False
+        if not present:
+            raise FileNotFoundError(f"{file} not found (named by {key} in {path})")
+    if md.online is None:
+        log.info("%s: no onlineAnalysis block: no compute nodes reserved", path)
+    if md.asapo is None:
+        log.info("%s: no asapo block: no ASAPO stream for this beamtime", path)
+    return md
 
 
 def get_beamtime_metadata(root_dir: str | os.PathLike[str] = "/gpfs") -> BeamtimeMetadata:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -249,13 +248,7 @@ def flatten_errors(messages: Any, prefix: str = "") -> list[tuple[str, str]]:
     return [(prefix or "(top level)", str(messages))]
 
 
-def _read_document(path: Path) -> Any:
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"Metadata file not found: {path}") from None
-    except IsADirectoryError:
-        raise MetadataError(path, "is a directory, not a metadata file") from None
+def _decode(path: Path, raw: bytes) -> Any:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -272,10 +265,13 @@ def _read_document(path: Path) -> Any:
         raise MetadataError(path, f"invalid JSON: {type(exc).__name__}") from None
 
 
-def load_metadata(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMetadata:
-    """Read, validate and load one metadata file (see ``metadata.parse_metadata_file``)."""
-    path = Path(metadatafile_path)
-    document = _read_document(path)
+def load_document(path: Path, raw: bytes) -> tuple[BeamtimeMetadata, list[tuple[str, str]]]:
+    """Validate the bytes of one metadata file and load them.
+
+    Returns the object and the files the document names as ``(key path, absolute
+    path)``; whether those files exist is checked by the caller, after validation.
+    """
+    document = _decode(path, raw)
     if not isinstance(document, dict):
         kind = {list: "an array", str: "a string", type(None): "null"}.get(
             type(document), type(document).__name__
@@ -290,21 +286,7 @@ def load_metadata(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMetadata
             f"{key}: {msg.rstrip('.')}" for key, msg in flatten_errors(exc.messages)
         )
         raise MetadataError(path, problems, exc.messages) from None
-
-    # Only after the whole file is valid: a missing file is FileNotFoundError, not MetadataError.
-    for key, file in context.files:
-        try:
-            present = os.path.isfile(file)
-        except (OSError, ValueError):
-            present = False
-        if not present:
-            raise FileNotFoundError(f"{file} not found (named by {key} in {path})")
-
-    if md.online is None:
-        log.info("%s: no onlineAnalysis block: no compute nodes reserved", path)
-    if md.asapo is None:
-        log.info("%s: no asapo block: no ASAPO stream for this beamtime", path)
-        online_raw = document.get("onlineAnalysis")
-        if isinstance(online_raw, dict) and "asapoBeamtimeTokenPath" in online_raw:
-            log.info("%s: pre-2021 onlineAnalysis.asapoBeamtimeTokenPath ignored", path)
-    return md
+    online_raw = document.get("onlineAnalysis")
+    if md.asapo is None and isinstance(online_raw, dict) and "asapoBeamtimeTokenPath" in online_raw:
+        log.info("%s: pre-2021 onlineAnalysis.asapoBeamtimeTokenPath ignored", path)
+    return md, context.files
