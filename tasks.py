@@ -1,7 +1,9 @@
 """``inv`` in a checkout: every mento_fab task, plus ``lab.*`` for the local test cluster."""
 
 from mento_fab.tasks import namespace
+from mento_fab.tasks._common import configure_logging
 
+configure_logging()
 ns = namespace()
 
 try:  # the lab is a development tool, not part of the installed package

@@ -6,6 +6,7 @@ from invoke import Config, Program
 
 from mento_fab import __version__
 from mento_fab.tasks import namespace
+from mento_fab.tasks._common import configure_logging
 
 
 class MentoConfig(Config):
@@ -25,4 +26,5 @@ program = Program(
 
 
 def main() -> None:
+    configure_logging()
     program.run()

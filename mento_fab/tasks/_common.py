@@ -146,6 +146,9 @@ def is_tty(stream: Any = None) -> bool:
 def configure_logging() -> None:
     """Library warnings as ``mento-fab: ...`` lines; paramiko's tracebacks stay out of sight.
 
+    Called by the entry points (``mento-fab``, the root ``tasks.py``), never on
+    import of the library, which leaves logging to its host program.
+
     Per-node failures are already in the report, one line each; paramiko would log
     the same failure again with a traceback through logging's last-resort handler.
     """
@@ -169,7 +172,6 @@ def friendly(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         from fabric.exceptions import GroupException
 
-        configure_logging()
         try:
             return func(*args, **kwargs)
         except (MetadataError, SelectionError, FileNotFoundError, RuntimeError, ValueError) as exc:
