@@ -358,3 +358,16 @@ def test_cli_check(lab, cli_env, known_hosts, lab_session) -> None:
     assert down.returncode == 255
     node = {n["node"]: n for n in json.loads(down.stdout)["nodes"]}["cn02"]
     assert node["reachable"] is False and "refused" in node["error"]
+
+
+def test_cli_timeout_option(cli_env, known_hosts) -> None:
+    proc = mento(
+        "run-on-nodes", "--timeout", "1", "--nodes", "cn01", "--known-hosts", str(known_hosts),
+        "sleep 30", env=cli_env,
+    )  # fmt: skip
+    assert proc.returncode == 255
+    assert "cn01: timed out after 1 s" in proc.stderr
+    for bad in ("abc", "0", "-3"):
+        wrong = mento("run-on-nodes", "--timeout", bad, "true", env=cli_env)
+        assert wrong.returncode == 2 and "--timeout" in wrong.stderr
+        assert "Traceback" not in wrong.stderr

@@ -129,8 +129,19 @@ def group(
         ssh_config=setting(c, "ssh_config", ssh_config),
         known_hosts=known_hosts or setting(c, "known_hosts"),
         host_keys=policy,
-        connect_timeout=float(setting(c, "connect_timeout", connect_timeout)),
+        connect_timeout=number("--connect-timeout", setting(c, "connect_timeout", connect_timeout)),
     )
+
+
+def number(option: str, value: Any) -> float:
+    """An option's value as a positive number (invoke hands options over as strings)."""
+    try:
+        result = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{option} takes a number, not {value!r}") from None
+    if not result > 0:
+        raise ValueError(f"{option} must be positive, not {value!r}")
+    return result
 
 
 def print_json(data: Any) -> None:

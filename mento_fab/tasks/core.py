@@ -10,7 +10,7 @@ from mento_fab.tasks import _common as common
 from mento_fab.tasks import console
 
 
-@task(help=common.COMMON_HELP)
+@task(help=common.COMMON_HELP, auto_shortflags=False)
 @common.friendly
 def info(c: Context, root_dir: str | None = None, metadata: str | None = None, json: bool = False):
     """Show the active beamtime: ids, paths, reserved nodes, Slurm, ASAPO (token paths only)."""
@@ -55,7 +55,7 @@ def info(c: Context, root_dir: str | None = None, metadata: str | None = None, j
         print(f"{key.ljust(width)}  {value}")
 
 
-@task(help=common.NODE_HELP)
+@task(help=common.NODE_HELP, auto_shortflags=False)
 @common.friendly
 def check(
     c: Context,
@@ -115,6 +115,7 @@ def check(
 
 
 @task(
+    auto_shortflags=False,
     help={
         **common.NODE_HELP,
         "command": "the shell command to run on every node",
@@ -156,6 +157,8 @@ def run_on_nodes(
         environment[name] = value
     if via not in ("ssh", "slurm"):
         raise ValueError(f"--via must be ssh or slurm, not {via!r}")
+    if timeout is not None:
+        timeout = common.number("--timeout", timeout)
     md, _ = common.load(c, root_dir, metadata)
     grp = common.group(
         c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
@@ -177,7 +180,7 @@ def run_on_nodes(
                 result = run(
                     grp,
                     command,
-                    fanout=int(common.setting(c, "fanout", fanout)),
+                    fanout=int(common.number("--fanout", common.setting(c, "fanout", fanout))),
                     timeout=timeout,
                     env=environment,
                     on_line=on_line,

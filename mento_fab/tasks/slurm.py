@@ -83,6 +83,7 @@ def _open(
 
 
 @task(
+    auto_shortflags=False,
     help={
         **SLURM_HELP,
         "script": "job script: a local file is uploaded first, otherwise a path on the node",
@@ -93,7 +94,7 @@ def _open(
         "output": "file for the job's output on the nodes (default Slurm's slurm-%j.out)",
         "nodes": "how many nodes the job asks for (sbatch --nodes)",
         "wait": "follow the job to its end and exit with its exit code",
-    }
+    },
 )
 @common.friendly
 @slurm_errors
@@ -151,7 +152,7 @@ def submit(
         raise Exit(code=status)
 
 
-@task(help=SLURM_HELP)
+@task(help=SLURM_HELP, auto_shortflags=False)
 @common.friendly
 @slurm_errors
 def jobs(
@@ -196,6 +197,7 @@ def jobs(
 
 
 @task(
+    auto_shortflags=False,
     help={
         **SLURM_HELP,
         "job": "job id to cancel (repeatable; also comma-separated: --job 12,13)",
@@ -237,7 +239,7 @@ def cancel(
         print("no jobs to cancel", file=sys.stderr)
 
 
-@task(help=SLURM_HELP)
+@task(help=SLURM_HELP, auto_shortflags=False)
 @common.friendly
 @slurm_errors
 def reservation(
