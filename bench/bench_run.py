@@ -99,6 +99,7 @@ sys.exit(0 if all(o.exit_code == 0 for o in output) else 1)
 class Sample:
     seconds: list[float] = field(default_factory=list)
     memory_kib: list[float] = field(default_factory=list)
+    cpu_seconds: list[float] = field(default_factory=list)  # warm: this process, all threads
 
     def median(self) -> float:
         return statistics.median(self.seconds)
@@ -284,9 +285,10 @@ def bench_warm(lab: object, reps: int, results: Results) -> None:
         for rep in range(reps):
             order = WARM_TOOLS if rep % 2 == 0 else WARM_TOOLS[::-1]
             for name in order:
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
                 runners[name](groups[name])
                 samples[name].seconds.append(time.perf_counter() - start)
+                samples[name].cpu_seconds.append(time.process_time() - cpu)
     finally:
         if tracemalloc.is_tracing():
             tracemalloc.stop()
@@ -337,8 +339,9 @@ def table(results: Results, cold_reps: int, warm_reps: int) -> str:
     if results.warm:
         warm_counts = [n for n in counts if n in results.warm]
         lines += [
-            f"**Warm** (connections open, in-process, median of {warm_reps} runs; "
-            "memory with tracemalloc: held by the open group / peak allocated per run):",
+            f"**Warm** (connections open, in-process, median of {warm_reps} runs; client CPU "
+            "= this process's CPU time per run, all threads; memory with tracemalloc: held "
+            "by the open group / peak allocated per run):",
             "",
             "| library | " + " | ".join(f"{n} nodes" for n in warm_counts) + " |",
             "| --- | " + " | ".join("---" for _ in warm_counts) + " |",
@@ -351,8 +354,12 @@ def table(results: Results, cold_reps: int, warm_reps: int) -> str:
                 ref = results.warm[n][MENTO].median()
                 lo, hi = s.spread()
                 ratio = "" if name == MENTO else f", **{s.median() / ref:.1f}x**"
+                cpu = statistics.median(s.cpu_seconds)
+                cpu_ref = statistics.median(results.warm[n][MENTO].cpu_seconds)
+                cpu_ratio = "" if name == MENTO else f", **{cpu / cpu_ref:.1f}x**"
                 cells.append(
                     f"{ms(s.median())} ({ms(lo)}-{ms(hi)}){ratio}; "
+                    f"client CPU {ms(cpu)}{cpu_ratio}; "
                     f"{mib(results.warm_open_kib[n][name])} / "
                     f"{mib(statistics.median(s.memory_kib))}"
                 )
