@@ -63,8 +63,17 @@ def test_each_node_answers_under_its_own_name(group) -> None:
     assert report.exit_status == 0
 
 
-def test_every_connection_has_its_own_connect_kwargs_and_only_the_beamtime_key(group) -> None:
+def test_every_connection_has_its_own_connect_kwargs_and_only_the_beamtime_key(
+    group, lab_session: Path
+) -> None:
     conns = list(group)
+    key_body = "".join(
+        line
+        for line in (lab_session.parent / "shared" / "id_rsa").read_text().splitlines()
+        if "PRIVATE KEY" not in line
+    )
+    for shown in (repr(group), *(repr(c) for c in conns), repr(conns[0].connect_kwargs)):
+        assert key_body[:40] not in shown.replace("\n", "")
     assert len({id(c.connect_kwargs) for c in conns}) == len(conns)
     for conn in conns:
         assert conn.user == "mentolab"
