@@ -410,3 +410,16 @@ def test_job_handle_reads_an_existing_job(slurm, tmp_path) -> None:
     assert again.wait(timeout=WAIT).exit_code == 0
     with pytest.raises(ValueError):
         slurm.job("1; rm -rf ~")
+
+
+def test_cli_via_slurm_on_a_chosen_submit_node(slurm_lab, slurm_session) -> None:
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    proc = mento(
+        "run-on-nodes", "--via", "slurm", "--submit-node", "cn04", "--json",
+        'echo "$(hostname) from $SLURM_SUBMIT_HOST"', env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert [n["stdout"] for n in data["nodes"]] == [f"cn0{i} from cn04\n" for i in range(1, 5)]
+    outside = mento("run-on-nodes", "--via", "slurm", "--submit-node", "cn09", "true", env=env)
+    assert outside.returncode == 2 and "submit node cn09" in outside.stderr

@@ -123,6 +123,7 @@ def check(
         "timeout": "seconds after which the command is killed on the node",
         "env": "NAME=VALUE set for the command (repeatable)",
         "via": "ssh (default) or slurm (one srun in the reservation)",
+        "submit_node": "with --via slurm: node to run srun on (default: first reachable)",
     },
     iterable=["env"],
 )
@@ -144,6 +145,7 @@ def run_on_nodes(
     stream: bool = False,
     json: bool = False,
     via: str = "ssh",
+    submit_node: str | None = None,
 ):
     """Run COMMAND on every reserved node; identical outputs are shown once per node set."""
     from mento_fab import report as reporting
@@ -174,8 +176,9 @@ def run_on_nodes(
                 from mento_fab.slurm import run_via_slurm
 
                 result = run_via_slurm(
-                    grp, md, command, timeout=timeout, env=environment, on_line=on_line
-                )
+                    grp, md, command, timeout=timeout, env=environment, on_line=on_line,
+                    submit_node=submit_node,
+                )  # fmt: skip
             else:
                 result = run(
                     grp,
