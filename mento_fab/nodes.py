@@ -306,6 +306,14 @@ def nodes_group(
         if not conn.connect_kwargs["key_filename"]:
             del conn.connect_kwargs["key_filename"]
         conn.client.set_missing_host_key_policy(_PolicyForNode(policy, known, node))
+        # ProxyJump hops are Connections fabric builds itself, with AutoAddPolicy:
+        # hold them to the same host-key policy.
+        hop = conn.gateway
+        while isinstance(hop, fabric.Connection):
+            hop.client.set_missing_host_key_policy(
+                _PolicyForNode(policy, known, connection_node(hop))
+            )
+            hop = hop.gateway
         connections.append(conn)
     group_class = fabric.SerialGroup if serial else fabric.ThreadingGroup
     return group_class.from_connections(connections)

@@ -380,3 +380,27 @@ def test_cli_timeout_option(cli_env, known_hosts) -> None:
         wrong = mento("run-on-nodes", "--timeout", bad, "true", env=cli_env)
         assert wrong.returncode == 2 and "--timeout" in wrong.stderr
         assert "Traceback" not in wrong.stderr
+
+
+def test_proxyjump_from_ssh_config_and_its_host_key_is_checked(lab, lab_session, tmp_path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text("Host cn02\n  ProxyJump cn01\n\n" + lab.ssh_config.read_text())
+    known = tmp_path / "known_hosts"
+    known.write_text(
+        "".join(line + "\n" for line in lab.known_hosts.read_text().splitlines() if "cn02" in line)
+    )
+    strict = run_on_nodes(
+        "hostname; echo $SSH_CONNECTION", metadata=lab_session, nodes="cn02",
+        ssh_config=config, known_hosts=known, host_keys="strict",
+    )  # fmt: skip
+    # cn02's key is known, the jump host's is not: strict refuses the hop.
+    assert strict["cn02"].exit is None and "cn01" in strict["cn02"].error
+    accepted = run_on_nodes(
+        "hostname; echo $SSH_CONNECTION", metadata=lab_session, nodes="cn02",
+        ssh_config=config, known_hosts=known,
+    )  # fmt: skip
+    assert accepted.ok, accepted.results
+    name, connection = accepted["cn02"].stdout.splitlines()
+    assert name == "cn02"
+    assert connection.split()[0] == lab.addresses["cn01"]  # came in through the jump host
+    assert any(line.startswith("cn01,") for line in known.read_text().splitlines())
