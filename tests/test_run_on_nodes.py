@@ -55,6 +55,7 @@ def group(lab, lab_session: Path, known_hosts: Path) -> Iterator:
 
 def test_each_node_answers_under_its_own_name(group) -> None:
     report = run(group, "hostname; echo err >&2")
+    assert {c.transport.remote_cipher for c in group} == {"aes128-gcm@openssh.com"}
     assert [r.node for r in report.results] == ["cn01", "cn02", "cn03", "cn04"]
     for result in report.results:
         assert result.exit == 0 and result.error is None
