@@ -74,16 +74,13 @@ def check(
     from mento_fab.check import check_beamtime
 
     md, path = common.load(c, root_dir, metadata)
-    grp = common.group(
+    with common.group(
         c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    try:
+    ) as grp:  # fmt: skip
         fan = int(common.setting(c, "fanout", fanout))
         with console.Progress(len(grp), "checking"):
             result = check_beamtime(md, grp, metadata_file=path, fanout=fan)
-    finally:
-        grp.close()
     if json:
         common.print_json(result.as_dict())
     else:
@@ -162,12 +159,11 @@ def run_on_nodes(
     if timeout is not None:
         timeout = common.number("--timeout", timeout)
     md, _ = common.load(c, root_dir, metadata)
-    grp = common.group(
+    on_line = console.stream_printer() if stream and not json else None
+    with common.group(
         c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    on_line = console.stream_printer() if stream and not json else None
-    try:
+    ) as grp:  # fmt: skip
         progress = console.Progress(
             len(grp), "running", enabled=None if not (stream or json) else False
         )
@@ -189,8 +185,6 @@ def run_on_nodes(
                     on_line=on_line,
                     on_result=progress.advance,
                 )
-    finally:
-        grp.close()
     if json:
         common.print_json(reporting.to_json(result))
     else:

@@ -116,11 +116,10 @@ def deploy(
     release = build_release(
         source, exclude or [], extra_files=beamtime_files(md, session_root), install=install
     )
-    grp = common.group(
+    with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    try:
+    ) as grp:  # fmt: skip
         progress = console.Progress(len(grp), "staging", enabled=False if json else None)
         with progress:
             report = run_deploy(
@@ -138,8 +137,6 @@ def deploy(
                 on_event=lambda node, what: progress.advance() if what == "staged" else None,
                 release=release,
             )
-    finally:
-        grp.close()
     if not json and not report.run.failed and not report.run.unreachable:
         files = len(release.files)
         print(f"release {release.name}: {files} files, {_size(release.size)} from {release.source}")
@@ -167,16 +164,13 @@ def rollback(
     from mento_fab.deploy import rollback as run_rollback
 
     md, _ = common.load(c, root_dir, metadata)
-    grp = common.group(
+    with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    try:
+    ) as grp:  # fmt: skip
         report = run_rollback(
             grp, md, _target(c, target), to=to, fanout=int(common.setting(c, "fanout", fanout))
         )
-    finally:
-        grp.close()
     _render(report, json)
 
 
@@ -202,15 +196,12 @@ def releases(
     from mento_fab.deploy import releases as list_releases
 
     md, _ = common.load(c, root_dir, metadata)
-    grp = common.group(
+    label = _target(c, target) or default_target(md)
+    with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    label = _target(c, target) or default_target(md)
-    try:
+    ) as grp:  # fmt: skip
         run, found = list_releases(grp, md, label, fanout=int(common.setting(c, "fanout", fanout)))
-    finally:
-        grp.close()
     if json:
         common.print_json(
             reporting.to_json(
