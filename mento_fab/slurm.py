@@ -424,16 +424,32 @@ class Slurm:
     ) -> Slurm:
         """Connect to the submit node (``submit_node`` or the first reachable reserved node)."""
         md = load_metadata(metadata, root_dir)
-        group = nodes_group(md, **group_options)
+        return cls.from_group(nodes_group(md, **group_options), md, submit_node=submit_node)
+
+    @classmethod
+    def from_group(
+        cls,
+        group: Iterable[fabric.Connection],
+        metadata: BeamtimeMetadata,
+        *,
+        submit_node: str | None = None,
+    ) -> Slurm:
+        """Take over a nodes group: keep (and own) the submit node's Connection, close the rest.
+
+        For callers that build the group themselves (the CLI tasks, with their own
+        option defaults), so picking and owning the submit node lives in one place.
+        """
+        conns = list(group)
         try:
-            conn = pick_submit_node(group, submit_node)
+            conn = pick_submit_node(conns, submit_node)
         except BaseException:
-            group.close()
+            for other in conns:
+                other.close()
             raise
-        for other in group:
+        for other in conns:
             if other is not conn:
                 other.close()
-        slurm = cls(conn, md)
+        slurm = cls(conn, metadata)
         slurm._own = [conn]
         return slurm
 

@@ -423,3 +423,21 @@ def test_cli_via_slurm_on_a_chosen_submit_node(slurm_lab, slurm_session) -> None
     assert [n["stdout"] for n in data["nodes"]] == [f"cn0{i} from cn04\n" for i in range(1, 5)]
     outside = mento("run-on-nodes", "--via", "slurm", "--submit-node", "cn09", "true", env=env)
     assert outside.returncode == 2 and "submit node cn09" in outside.stderr
+
+
+def test_from_group_keeps_the_submit_node_and_the_task_stays_thin(slurm_lab, slurm_session):
+    import inspect
+
+    from mento_fab.tasks import slurm as slurm_tasks
+
+    group = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
+    conns = list(group)
+    client = Slurm.from_group(group, slurm_session_md(slurm_session), submit_node="cn03")
+    try:
+        assert client.node == "cn03" and client.conn.is_connected
+        assert [c.is_connected for c in conns] == [False, False, True, False]
+        assert client.call(["hostname"]).stdout == "cn03\n"
+    finally:
+        client.close()
+    assert not client.conn.is_connected  # owned: closed with the client
+    assert "_own" not in inspect.getsource(slurm_tasks)  # the task goes through the public API

@@ -65,21 +65,14 @@ def _open(
     known_hosts: str | None,
 ) -> Any:
     """A Slurm client on the submit node, from task options."""
-    from mento_fab.slurm import Slurm, pick_submit_node
+    from mento_fab.slurm import Slurm
 
     md, _ = common.load(c, root_dir, metadata)
     grp = common.group(
         c, md, connect_timeout=connect_timeout, host_keys=host_keys,
         ssh_config=ssh_config, known_hosts=known_hosts,
     )  # fmt: skip
-    try:
-        conn = pick_submit_node(grp, submit_node)
-    except BaseException:
-        grp.close()
-        raise
-    slurm = Slurm(conn, md)
-    slurm._own = [conn]
-    return slurm
+    return Slurm.from_group(grp, md, submit_node=submit_node)
 
 
 @task(
