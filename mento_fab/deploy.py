@@ -71,6 +71,7 @@ __all__ = [
     "default_target",
     "deploy",
     "node_path",
+    "refuse_secrets",
     "releases",
     "rollback",
 ]
@@ -89,6 +90,16 @@ READY = f"{META_DIR}/ready"
 #: Release directory names: ``<UTC time>-<hash prefix>``.
 RELEASE_GLOB = "[0-9]*T[0-9]*Z-*"
 CHUNK = 256 * 1024
+#: Bound on every short remote command (probe, list, switch, revert): a node that
+#: vanishes mid-deploy turns into a "timed out" result instead of a hang.
+COMMAND_TIMEOUT = 60.0
+#: Removing releases (prune, cleanup of a staged copy) may walk many files.
+REMOVE_TIMEOUT = 600.0
+#: Staging: a fixed allowance plus the archive at no less than STAGE_MIN_RATE bytes/s
+#: (checksum, hard links, unpack); an ``install`` adds INSTALL_TIMEOUT for pip.
+STAGE_TIMEOUT = 300.0
+STAGE_MIN_RATE = 1_000_000
+INSTALL_TIMEOUT = 1800.0
 #: Events passed to ``on_event``: (node, event) — for progress and for tests.
 EventCallback = Callable[[str, str], None]
 
@@ -100,7 +111,7 @@ class DeployError(ValueError):
 
 
 class UnsafeSourceError(DeployError):
-    """The source tree holds something we refuse to ship (a symlink leaving the tree)."""
+    """The source tree holds something we refuse to ship (a symlink leaving the tree, a secret)."""
 
 
 # --------------------------------------------------------------------------- release
@@ -389,6 +400,47 @@ def beamtime_files(
     }
 
 
+def _secret_files(md: BeamtimeMetadata) -> dict[str, str]:
+    """The beamtime's secret files (real path -> what it is), from the metadata."""
+    named: list[tuple[str, str]] = []
+    if md.online is not None:
+        named.append((md.online.ssh.key, "the SSH private key"))
+    if md.asapo is not None:
+        named += [(md.asapo.token_ro, "an ASAPO token"), (md.asapo.token_rw, "an ASAPO token")]
+    return {os.path.realpath(path): what for path, what in named if path}
+
+
+def refuse_secrets(release: Release, md: BeamtimeMetadata) -> None:
+    """Raise :class:`UnsafeSourceError` if ``release`` would ship a secret of ``md``.
+
+    Files written by the tool must never hold a key or token (run from the session
+    directory, ``shared/id_rsa`` would be in the tree): refused by real path, and by
+    content digest for copies elsewhere in the tree. The message names the file only.
+    """
+    secret = _secret_files(md)
+    digests: dict[str, str] = {}
+    for path, what in secret.items():
+        try:
+            digest, size = _file_digest(path)
+        except OSError:
+            continue  # unreadable here: the path comparison still applies
+        if size:  # an empty token would match every empty file
+            digests.setdefault(digest, f"{what} ({path})")
+    for entry in release.files:
+        if entry.source is None:
+            continue
+        real = os.path.realpath(entry.source)
+        if real in secret:
+            raise UnsafeSourceError(
+                f"{entry.source}: refusing to ship {secret[real]}; exclude it or deploy "
+                "from a directory without it"
+            )
+        if entry.digest in digests:
+            raise UnsafeSourceError(
+                f"{entry.source}: same content as {digests[entry.digest]}; refusing to ship it"
+            )
+
+
 def default_target(md: BeamtimeMetadata) -> str:
     """``~/mento_fab/<beamtime id>`` in the temporary account's home."""
     return f"~/mento_fab/{md.beamtime}"
@@ -461,11 +513,6 @@ class NodeReleases:
 # ----------------------------------------------------------------------- helpers
 
 
-def _map(conns: list[fabric.Connection], func: Callable[[Any], Any], fanout: int) -> dict[str, Any]:
-    """map_nodes that accepts an empty list (nothing to do, nothing returned)."""
-    return map_nodes(conns, func, fanout=fanout) if conns else {}
-
-
 def _check(result: NodeResult, what: str) -> NodeResult:
     """Raise a one-line NodeError unless the command succeeded."""
     if result.error:
@@ -495,8 +542,8 @@ def _upload(sftp: Any, path: str, data: bytes) -> None:
 def _probe_command(target: str) -> str:
     t = shlex.quote(target)
     return (
-        f'printf "link=%s\\nhash=%s\\n" "$(readlink {t}/current 2>/dev/null)" '
-        f'"$(cat {t}/current/{META_DIR}/content-hash 2>/dev/null)"'
+        f'printf "link=%s\\nhash=%s\\n" "$(readlink -- {t}/current 2>/dev/null)" '
+        f'"$(cat -- {t}/current/{META_DIR}/content-hash 2>/dev/null)"'
     )
 
 
@@ -506,12 +553,17 @@ def _parse_probe(text: str) -> tuple[str, str]:
 
 
 def _switch_command(target: str, release_dir: str, tmp: str) -> str:
-    """Point ``current`` at ``releases/<name>`` with one rename; refuse a missing release."""
+    """Point ``current`` at ``releases/<name>`` with one rename; refuse a missing release.
+
+    ``release_dir`` may come from a node's ``readlink`` (a revert): quoted whole,
+    message included, never spliced into another quoted string.
+    """
     t = shlex.quote(target)
     link = shlex.quote(release_dir)
     tmp_q = shlex.quote(f"{target}/{tmp}")
+    missing = shlex.quote(f"release {release_dir} missing")
     return (
-        f"test -d {t}/{link} || {{ echo 'release {release_dir} missing' >&2; exit 3; }}; "
+        f"test -d {t}/{link} || {{ echo {missing} >&2; exit 3; }}; "
         f"ln -sfn -- {link} {tmp_q} && mv -T -- {tmp_q} {t}/current"
     )
 
@@ -527,11 +579,12 @@ def _prune_command(target: str, keep: int, nonces: Iterable[str]) -> str:
     cleanup = f"rm -f -- {removals}; " if removals else ""
     return (
         f"{cleanup}cd -- {t}/releases || exit 0; rm -f -- .probe-*; "
-        "cur=$(readlink ../current); cur=${cur##*/}; seen=0; n=0; "
+        "cur=$(readlink ../current); cur=${cur##*/}; seen=0; n=0; rc=0; "
         f"for d in $(ls -1r | grep -E '^[0-9]{{8}}T[0-9]{{6}}([.][0-9]+)?Z-[0-9a-f]+$'); do "
         'if [ "$d" = "$cur" ]; then seen=1; continue; fi; '
         "[ $seen = 1 ] || continue; "  # newer than current (after a rollback): keep
-        f'n=$((n+1)); if [ $n -gt {int(keep)} ]; then rm -rf -- "$d"; fi; done'
+        f'n=$((n+1)); if [ $n -gt {int(keep)} ]; then rm -rf -- "$d" || rc=1; fi; done; '
+        "exit $rc"
     )
 
 
@@ -552,37 +605,38 @@ def _stage_command(
     the next deploy would use, and the next stage removes such leftovers.
     """
     name = release.name
-    rel = shlex.quote(f"{target}/releases")
-    stage = shlex.quote(f".staging-{name}")
-    tarball = shlex.quote(f".{name}.tar")
-    reuse = shlex.quote(f".{name}.reuse")
-    final = shlex.quote(name)
     lines = [
         "set -e",
-        f"cd -- {rel}",
+        f"cd -- {shlex.quote(f'{target}/releases')}",
+        # Names live in shell variables, so the trap below (itself a quoted string)
+        # holds only variable references, never a quoted value.
+        f"stage={shlex.quote(f'.staging-{name}')}",
+        f"tarball={shlex.quote(f'.{name}.tar')}",
+        f"reuse={shlex.quote(f'.{name}.reuse')}",
+        f"final={shlex.quote(name)}",
         "ok=0",
-        f"trap 'rm -rf -- {stage} {tarball} {reuse}; [ $ok = 1 ] || rm -rf -- {final}' EXIT",
+        """trap 'rm -rf -- "$stage" "$tarball" "$reuse"; [ $ok = 1 ] || rm -rf -- "$final"' EXIT""",
         # leftovers of earlier runs that died half-way (never the current release)
         "cur=$(readlink ../current || true); cur=${cur##*/}",
-        f'for old in .staging-* {RELEASE_GLOB}; do case "$old" in {stage}|"$cur") continue;; esac; '
-        f'[ -e "$old/{READY}" ] || rm -rf -- "$old"; done',
-        f"sum=$(openssl dgst -sha256 -r -- {tarball} 2>/dev/null || sha256sum -- {tarball})",
+        f'for old in .staging-* {RELEASE_GLOB}; do case "$old" in "$stage"|"$cur") continue;; '
+        f'esac; [ -e "$old/{READY}" ] || rm -rf -- "$old"; done',
+        'sum=$(openssl dgst -sha256 -r -- "$tarball" 2>/dev/null || sha256sum -- "$tarball")',
         f'[ "${{sum%% *}}" = {shlex.quote(checksum)} ] || '
         '{ echo "checksum mismatch after upload" >&2; exit 3; }',
-        f"mkdir -- {stage}",
+        'mkdir -- "$stage"',
     ]
     if base:
         lines.append(
-            f"(cd -- {shlex.quote(base)} && xargs -0 -r cp -Pl --parents -t ../{stage} -- "
-            f"< ../{reuse})"
+            f"(cd -- {shlex.quote(base)} && "
+            'xargs -0 -r cp -Pl --parents -t "../$stage" -- < "../$reuse")'
         )
-    lines.append(f"tar -x -p --no-same-owner -f {tarball} -C {stage}")
-    lines.append(f"mv -T -- {stage} {final}")
+    lines.append('tar -x -p --no-same-owner -f "$tarball" -C "$stage"')
+    lines.append('mv -T -- "$stage" "$final"')
     if install:
         pip = " ".join(shlex.quote(a) for a in pip_args)
         venv_opts = "--system-site-packages " if system_site_packages else ""
         lines += [
-            f"(cd -- {final}",  # a subshell: the EXIT trap's paths stay right
+            '(cd -- "$final"',  # a subshell: the EXIT trap's paths stay right
             "if [ -f requirements.txt ] || [ -f pyproject.toml ] || [ -f setup.py ]; then",
             f"  python3 -m venv {venv_opts}{VENV_DIR} >&2",
             "  export PIP_DISABLE_PIP_VERSION_CHECK=1",
@@ -592,11 +646,17 @@ def _stage_command(
             f"{VENV_DIR}/bin/pip install -q {pip} . >&2; fi",
             "fi)",
         ]
-    lines += [f": > {final}/{READY}", "ok=1"]
+    lines += [f': > "$final/{READY}"', "ok=1"]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------ deploy
+
+
+def _stage_timeout(size: int, install: bool) -> float:
+    """Seconds a stage command may take: generous, but bounded (a vanished node)."""
+    seconds = STAGE_TIMEOUT + size / STAGE_MIN_RATE
+    return seconds + INSTALL_TIMEOUT if install else seconds
 
 
 def _result(node: str, value: Any, start: float, stdout: str = "") -> NodeResult:
@@ -623,21 +683,24 @@ def _shared_groups(
 
     def write(conn: fabric.Connection) -> None:
         path = shlex.quote(f"{target}/releases/{nonce[connection_node(conn)]}")
-        _check(execute(conn, f"mkdir -p -- {t}/releases && : > {path}"), "creating the target")
+        command = f"mkdir -p -- {t}/releases && : > {path}"
+        _check(execute(conn, command, timeout=COMMAND_TIMEOUT), "creating the target")
 
     errors: dict[str, BaseException] = {}
-    for node, value in _map(conns, write, fanout).items():
+    for node, value in map_nodes(conns, write, fanout=fanout).items():
         if isinstance(value, BaseException):
             errors[node] = value
     alive = [c for c in conns if connection_node(c) not in errors]
 
     def look(conn: fabric.Connection) -> frozenset[str]:
         pattern = shlex.quote(f"{target}/releases/") + f".probe-{run_id}-*"
-        res = _check(execute(conn, f'for f in {pattern}; do echo "${{f##*/}}"; done'), "probe")
+        command = f'for f in {pattern}; do echo "${{f##*/}}"; done'
+        res = _check(execute(conn, command, timeout=COMMAND_TIMEOUT), "probe")
         return frozenset(line for line in res.stdout.split() if line.startswith(".probe-"))
 
     seen: dict[frozenset[str], list[fabric.Connection]] = {}
-    for conn, (node, value) in zip(alive, _map(alive, look, fanout).items(), strict=True):
+    looked = map_nodes(alive, look, fanout=fanout)
+    for conn, (node, value) in zip(alive, looked.items(), strict=True):
         if isinstance(value, BaseException):
             errors[node] = value
             continue
@@ -684,6 +747,7 @@ def deploy(
         release = build_release(
             source, excludes, extra_files=beamtime_files(md, session_root), install=install
         )
+    refuse_secrets(release, md)
     log.info(
         "release %s: %d files, %d bytes from %s",
         release.name,
@@ -705,7 +769,9 @@ def deploy(
 
     # Phase 0: one read-only command per node: what is current there?
     probe_start = time.monotonic()
-    probed = map_nodes(conns, lambda c: execute(c, _probe_command(remote)), fanout=fanout)
+    probed = map_nodes(
+        conns, lambda c: execute(c, _probe_command(remote), timeout=COMMAND_TIMEOUT), fanout=fanout
+    )
     results: dict[str, NodeResult] = {}
     current: dict[str, tuple[str, str]] = {}
     for node, value in probed.items():
@@ -749,7 +815,7 @@ def deploy(
             )
 
         plan_start = time.monotonic()
-        for node, value in _map(todo, plan, fanout).items():
+        for node, value in map_nodes(todo, plan, fanout=fanout).items():
             results[node] = _result(node, value, plan_start)
         outcome = "dry-run" if all(r.ok for r in results.values()) else "aborted"
         return finish(outcome, results, details=details)
@@ -771,6 +837,8 @@ def deploy(
         data, reused = release.archive(base_manifest)
         base_dir = link.rsplit("/", 1)[-1] if base_manifest is not None and reused else None
         sftp = ensure_open(conn).open_sftp_client()
+        # A stalled transfer (vanished node) raises instead of waiting forever.
+        sftp.get_channel().settimeout(COMMAND_TIMEOUT)
         try:
             _upload(sftp, f"{remote}/releases/.{release.name}.tar", data)
             if base_dir:
@@ -782,7 +850,7 @@ def deploy(
         command = _stage_command(
             remote, release, checksum, base_dir, install, pip_args, system_site_packages
         )
-        _check(execute(conn, command), "staging")
+        _check(execute(conn, command, timeout=_stage_timeout(len(data), install)), "staging")
         event(node, "staged")
         details[node] = {
             "state": "staged",
@@ -794,7 +862,7 @@ def deploy(
         return f"staged {len(data)} bytes ({len(reused)} files reused)"
 
     stage_start = time.monotonic()
-    staged = _map(reps, stage, fanout) if not errors else {}
+    staged = map_nodes(reps, stage, fanout=fanout) if not errors else {}
     failed = [n for n, v in staged.items() if isinstance(v, BaseException)]
     if errors or failed:
         # Nothing switches anywhere; remove what was staged (the failed ones clean
@@ -807,7 +875,11 @@ def deploy(
         staged_dir = shlex.quote(f"{remote}/releases/{release.name}")
         nonce_files = " ".join(shlex.quote(f"{remote}/releases/{n}") for n in nonces)
         cleanup = f"rm -rf -- {staged_dir} {nonce_files}"
-        _map([c for c in reps if reachable(c)], lambda c: execute(c, cleanup), fanout)
+        map_nodes(
+            [c for c in reps if reachable(c)],
+            lambda c: execute(c, cleanup, timeout=REMOVE_TIMEOUT),
+            fanout=fanout,
+        )
         blame = sorted(set(failed) | set(errors))
         for rep in reps:
             node = connection_node(rep)
@@ -831,40 +903,60 @@ def deploy(
         log.warning("deploy aborted: staging failed on %s", ", ".join(blame))
         return finish("aborted", results, shared=shared, details=details)
 
-    # Phase 2: every group staged: switch, then prune old releases.
+    # Phase 2: every group staged: switch everywhere. Nothing is pruned yet, so a
+    # failure anywhere can still switch every other node back to what it had.
     tmp = f".current-{secrets.token_hex(6)}"
 
-    def switch(conn: fabric.Connection) -> str:
-        node = connection_node(conn)
+    def switch(conn: fabric.Connection) -> None:
         command = _switch_command(remote, f"releases/{release.name}", tmp)
-        _check(execute(conn, command), "switching current")
-        event(node, "switched")
-        prune = _check(execute(conn, _prune_command(remote, keep, nonces)), "pruning")
-        return prune.stdout
+        _check(execute(conn, command, timeout=COMMAND_TIMEOUT), "switching current")
+        event(connection_node(conn), "switched")
 
     switch_start = time.monotonic()
-    switched = _map(reps, switch, fanout)
+    switched = map_nodes(reps, switch, fanout=fanout)
     bad = [n for n, v in switched.items() if isinstance(v, BaseException)]
-    if bad:
-        _revert(reps, remote, current, bad, fanout)
+    stuck = _revert(reps, remote, current, bad, fanout) if bad else {}
+
+    # Phase 3: every node is on the new release: prune. A failure leaves an old
+    # release behind, a warning only: the nodes are consistent either way.
+    warnings: dict[str, str] = {}
+    if not bad:
+        prune_command = _prune_command(remote, keep, nonces)
+
+        def prune(conn: fabric.Connection) -> None:
+            _check(execute(conn, prune_command, timeout=REMOVE_TIMEOUT), "pruning old releases")
+
+        for node, value in map_nodes(reps, prune, fanout=fanout).items():
+            if isinstance(value, BaseException):
+                warnings[node] = f"warning: {describe_error(value)}"
+                log.warning("%s: %s", node, warnings[node])
+
     for rep in reps:
         node = connection_node(rep)
         for member in members[node]:
             if node in bad:
                 results[member] = _result(member, switched[node], switch_start)
-                details[member]["state"] = "failed"
+                details.setdefault(member, dict(details[node])).update(state="failed")
+            elif node in stuck:
+                # Still on the new release while the others went back: a failure.
+                results[member] = _result(member, stuck[node], switch_start)
+                details.setdefault(member, dict(details[node])).update(
+                    state="failed", current=f"releases/{release.name}"
+                )
             elif bad:
                 results[member] = NodeResult(member, 0, "switched back: another node failed")
                 details.setdefault(member, dict(details[node])).update(state="reverted")
             else:
                 note = "" if member == node else f" (shared with {node})"
                 results[member] = NodeResult(
-                    member, 0, f"switched to {release.name}{note}", "", None,
+                    member, 0, f"switched to {release.name}{note}", warnings.get(node, ""), None,
                     time.monotonic() - start,
                 )  # fmt: skip
                 details.setdefault(member, dict(details[node])).update(state="switched")
                 if member != node:
                     details[member]["shared_with"] = node
+                if node in warnings:
+                    details[member]["warning"] = warnings[node]
     return finish("aborted" if bad else "switched", results, shared=shared, details=details)
 
 
@@ -874,24 +966,33 @@ def _revert(
     current: dict[str, tuple[str, str]],
     bad: list[str],
     fanout: int,
-) -> None:
-    """Switch nodes that did switch back to what they had, so no node runs a mix."""
+) -> dict[str, BaseException]:
+    """Switch nodes that did switch back to what they had, so no node runs a mix.
+
+    Returns the nodes that could not be switched back (node -> why): the caller must
+    report them as failed, they are still on the new release.
+    """
     tmp = f".current-{secrets.token_hex(6)}"
 
     def back(conn: fabric.Connection) -> None:
         link = current[connection_node(conn)][0]
         if link:
-            _check(execute(conn, _switch_command(remote, link, tmp)), "switching back")
+            command = _switch_command(remote, link, tmp)
         else:
-            _check(execute(conn, f"rm -f -- {shlex.quote(remote + '/current')}"), "switching back")
+            command = f"rm -f -- {shlex.quote(remote + '/current')}"
+        _check(execute(conn, command, timeout=COMMAND_TIMEOUT), "switching back")
 
-    _map([c for c in reps if connection_node(c) not in bad], back, fanout)
+    done = map_nodes([c for c in reps if connection_node(c) not in bad], back, fanout=fanout)
+    stuck = {n: v for n, v in done.items() if isinstance(v, BaseException)}
+    for node, exc in stuck.items():
+        log.warning("%s: could not switch back: %s", node, describe_error(exc))
+    return stuck
 
 
 def _read_manifest(conn: fabric.Connection, remote: str) -> list[list[Any]] | None:
     """The entries of the node's current release, or None (then everything is sent)."""
     path = f"{remote}/current/{META_DIR}/manifest.json"
-    res = execute(conn, f"cat -- {shlex.quote(path)} 2>/dev/null")
+    res = execute(conn, f"cat -- {shlex.quote(path)} 2>/dev/null", timeout=COMMAND_TIMEOUT)
     if not res.ok:
         if res.error:
             raise NodeError(res.error)
@@ -911,7 +1012,7 @@ def _read_manifest(conn: fabric.Connection, remote: str) -> list[list[Any]] | No
 def _list_command(remote: str) -> str:
     t = shlex.quote(remote)
     return (
-        f'printf "link=%s\\n" "$(readlink {t}/current 2>/dev/null)"; '
+        f'printf "link=%s\\n" "$(readlink -- {t}/current 2>/dev/null)"; '
         f'for d in {t}/releases/{RELEASE_GLOB}; do [ -e "$d/{READY}" ] && '
         'printf "%s\\n" "${d##*/}"; done; true'
     )
@@ -928,7 +1029,9 @@ def releases(
     start = time.monotonic()
     remote = _remote_dir(target or default_target(md))
     conns = list(group)
-    outcome = map_nodes(conns, lambda c: execute(c, _list_command(remote)), fanout=fanout)
+    outcome = map_nodes(
+        conns, lambda c: execute(c, _list_command(remote), timeout=COMMAND_TIMEOUT), fanout=fanout
+    )
     found: dict[str, NodeReleases] = {}
     results = []
     for node, value in outcome.items():
@@ -1009,17 +1112,21 @@ def rollback(
     def switch(conn: fabric.Connection) -> str:
         node = connection_node(conn)
         command = _switch_command(remote, f"releases/{choice[node]}", tmp + node)
-        _check(execute(conn, command), "switching current")
+        _check(execute(conn, command, timeout=COMMAND_TIMEOUT), "switching current")
         return f"switched back to {choice[node]}"
 
-    switched = _map(conns, switch, fanout)
+    switched = map_nodes(conns, switch, fanout=fanout)
     bad = [n for n, v in switched.items() if isinstance(v, BaseException)]
+    stuck: dict[str, BaseException] = {}
     if bad:
         previous = {n: (f"releases/{found[n].current}", "") for n in choice}
-        _revert(conns, remote, previous, bad, fanout)
+        stuck = _revert(conns, remote, previous, bad, fanout)
     for node, value in switched.items():
         results[node] = _result(node, value, start)
-        if bad and node not in bad:
+        if node in stuck:
+            results[node] = _result(node, stuck[node], start)
+        elif bad and node not in bad:
             results[node] = NodeResult(node, 0, "switched, then back: another node failed")
-        details[node]["state"] = "failed" if node in bad else ("reverted" if bad else "switched")
+        failed = node in bad or node in stuck
+        details[node]["state"] = "failed" if failed else ("reverted" if bad else "switched")
     return finish("aborted" if bad else "switched")

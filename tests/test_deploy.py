@@ -6,6 +6,7 @@ in the lab user's home, which every node sees (like a cluster home).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -404,3 +406,197 @@ def test_cli_deploy_json_and_exit_status(lab, lab_session, project, local_target
         capture_output=True, text=True, env=env, timeout=60,
     )  # fmt: skip
     assert bad.returncode == 2 and "source is not a directory" in bad.stderr
+
+
+# ------------------------------------------------------- review fixes (switch, secrets)
+
+
+def _sh(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["sh", "-c", command], cwd=cwd, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("evil", [HOSTILE, "r'; touch pwned; echo '"])
+def test_generated_commands_quote_hostile_names(tmp_path: Path, evil: str) -> None:
+    """Every command run locally (POSIX sh) with a hostile target and release name."""
+    work = tmp_path / "work"
+    target = f"-x {evil}"  # relative and starting with "-": must not read as an option
+    (work / target / "releases").mkdir(parents=True)
+    built = dp.build_release(make_project(tmp_path / "p"))
+    release = dp.Release(
+        built.source, built.entries, built.content_hash, f"20250101T000000Z-{evil}"
+    )
+    name = release.name
+    data, _ = release.archive(None)
+    (work / target / "releases" / f".{name}.tar").write_bytes(data)
+    stage = dp._stage_command(target, release, hashlib.sha256(data).hexdigest(), None, False, [])
+    assert subprocess.run(["sh", "-n", "-c", stage]).returncode == 0
+    proc = _sh(stage, work)
+    assert proc.returncode == 0, proc.stderr
+    staged = work / target / "releases" / name
+    assert (staged / ".mento" / "ready").exists() and (staged / "analysis.py").is_file()
+
+    # a delta on top of it: hard links from the base listed in the .reuse file
+    (tmp_path / "p" / "analysis.py").write_text("VERSION = 2\n")
+    built2 = dp.build_release(tmp_path / "p")
+    second = dp.Release(built2.source, built2.entries, built2.content_hash, f"20250102T0Z-{evil}")
+    data2, reused = second.archive(json.loads(release.manifest())["entries"])
+    releases_dir = work / target / "releases"
+    (releases_dir / f".{second.name}.tar").write_bytes(data2)
+    (releases_dir / f".{second.name}.reuse").write_bytes(b"\0".join(p.encode() for p in reused))
+    stage2 = dp._stage_command(
+        target, second, hashlib.sha256(data2).hexdigest(), name, False, ["--x", evil]
+    )
+    proc = _sh(stage2, work)
+    assert proc.returncode == 0, proc.stderr
+    assert (releases_dir / second.name / "analysis.py").read_text() == "VERSION = 2\n"
+    assert (releases_dir / second.name / "pkg" / "lib.py").stat().st_nlink == 2
+
+    proc = _sh(dp._switch_command(target, f"releases/{second.name}", ".current-t"), work)
+    assert proc.returncode == 0, proc.stderr
+    assert os.readlink(work / target / "current") == f"releases/{second.name}"
+    # a revert's release comes from the node's readlink: a hostile one is only a message
+    missing = dp._switch_command(target, f"releases/{evil}", ".current-u")
+    assert subprocess.run(["sh", "-n", "-c", missing]).returncode == 0
+    proc = _sh(missing, work)
+    assert proc.returncode == 3 and proc.stderr == f"release releases/{evil} missing\n"
+
+    proc = _sh(dp._probe_command(target), work)
+    assert dp._parse_probe(proc.stdout) == (f"releases/{second.name}", second.content_hash)
+    listing = _sh(dp._list_command(target), work).stdout.splitlines()
+    assert listing == [f"link=releases/{second.name}", name, second.name]
+    proc = _sh(dp._prune_command(target, 0, [f".probe-{evil}"]), work)
+    assert proc.returncode == 0, proc.stderr
+    assert not list(tmp_path.rglob("pwned"))
+
+
+def test_prune_failure_is_a_warning_and_every_node_stays_switched(
+    lab, session, project, local_target
+):
+    names = []
+    for version in range(2):
+        (project / "analysis.py").write_text(f"VERSION = {version}\n")
+        names.append(run_deploy(session, project, local_target).release)
+    # the oldest release on cn01 cannot be removed: only its prune fails
+    on_node(lab, "cn01", f"chmod 555 {local_target}/releases/{names[0]}/pkg")
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    report = run_deploy(session, project, local_target, keep=1)
+    assert report.outcome == "switched" and report.exit_status == 0, report.run.results
+    assert {current_of(lab, n, local_target) for n in NODES} == {f"releases/{report.release}"}
+    assert "pruning old releases failed" in report.details["cn01"]["warning"]
+    assert "pruning" in report.run["cn01"].stderr
+    assert names[0] in release_dirs(lab, "cn01", local_target)
+    for node in NODES[1:]:
+        assert "warning" not in report.details[node]
+        assert sorted(release_dirs(lab, node, local_target)) == [names[1], report.release]
+
+
+def _break_current(lab, node: str, target: str) -> None:
+    """Make ``current`` a non-empty real directory: the switch's rename fails there."""
+    on_node(lab, node, f"rm {target}/current && mkdir {target}/current && : > {target}/current/f")
+
+
+def test_failed_switch_reverts_before_anything_is_pruned(lab, session, project, local_target):
+    first = run_deploy(session, project, local_target)
+    assert first.ok
+    _break_current(lab, "cn04", local_target)
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    report = run_deploy(session, project, local_target, keep=0)
+    assert report.outcome == "aborted" and report.exit_status != 0
+    assert report.details["cn04"]["state"] == "failed"
+    assert "switching current failed" in report.run["cn04"].stderr
+    for node in NODES[:3]:
+        assert report.details[node]["state"] == "reverted", report.run.results
+        assert current_of(lab, node, local_target) == f"releases/{first.release}"
+        assert on_node(lab, node, f"cat {local_target}/current/analysis.py") == "VERSION = 1\n"
+
+
+def test_node_that_cannot_switch_back_is_reported_failed(lab, session, project, local_target):
+    first = run_deploy(session, project, local_target)
+    assert first.ok
+    _break_current(lab, "cn04", local_target)
+    (project / "analysis.py").write_text("VERSION = 2\n")
+
+    def lose_old_release(node: str, event: str) -> None:
+        if node == "cn02" and event == "switched":
+            on_node(lab, "cn02", f"rm -rf {local_target}/releases/{first.release}")
+
+    report = run_deploy(session, project, local_target, on_event=lose_old_release)
+    assert report.outcome == "aborted"
+    assert report.details["cn02"]["state"] == "failed"
+    assert not report.run["cn02"].ok and "switching back failed" in report.run["cn02"].stderr
+    assert current_of(lab, "cn02", local_target) == f"releases/{report.release}"
+    for node in ("cn01", "cn03"):
+        assert report.details[node]["state"] == "reverted"
+        assert current_of(lab, node, local_target) == f"releases/{first.release}"
+
+
+def test_failed_switch_on_a_shared_target_fails_every_member(lab, session, project, shared_target):
+    first = run_deploy(session, project, shared_target)
+    assert first.ok and first.shared == [NODES]
+    home = lab.home / shared_target[2:]
+    (home / "current").unlink()
+    (home / "current").mkdir()
+    (home / "current" / "f").write_text("x\n")
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    report = run_deploy(session, project, shared_target)
+    assert report.outcome == "aborted" and report.exit_status != 0
+    assert {n: d["state"] for n, d in report.details.items()} == dict.fromkeys(NODES, "failed")
+    assert all(not r.ok for r in report.run.results)
+
+
+def test_stuck_remote_command_times_out_instead_of_hanging(
+    lab, session, project, local_target, monkeypatch
+):
+    first = run_deploy(session, project, local_target)
+    assert first.ok
+    # the probe's `cat` of the content hash blocks forever on a FIFO without writer
+    fifo = f"{local_target}/current/.mento/content-hash"
+    on_node(lab, "cn02", f"rm {fifo} && mkfifo -m 666 {fifo}")
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    monkeypatch.setattr(dp, "COMMAND_TIMEOUT", 2.0)
+    pool = ThreadPoolExecutor(1)
+    try:
+        report = pool.submit(run_deploy, session, project, local_target).result(timeout=60)
+    finally:
+        pool.shutdown(wait=False)
+    assert report.outcome == "aborted" and report.exit_status == 255
+    assert "timed out" in (report.run["cn02"].error or "")
+    for node in NODES:
+        assert current_of(lab, node, local_target) == f"releases/{first.release}"
+
+
+def test_secrets_in_the_source_are_refused(lab_session: Path, tmp_path: Path) -> None:
+    md = parse_metadata_file(lab_session)
+    session_dir = lab_session.parent  # the session directory holds shared/id_rsa + tokens
+    key = Path(md.online.ssh.key).read_text()
+    with pytest.raises(dp.UnsafeSourceError) as caught:
+        dp.deploy([], md, session_dir, "~/x")
+    message = str(caught.value)
+    assert "refusing to ship" in message and "shared/" in message and "\n" not in message
+    assert key.strip().splitlines()[1] not in message
+    # a copy of the key (or a token) elsewhere in the tree: refused by content
+    for secret, what in ((md.online.ssh.key, "SSH private key"), (md.asapo.token_rw, "ASAPO")):
+        src = make_project(tmp_path / f"p-{what[:4]}")
+        (src / "notes").mkdir()
+        shutil.copyfile(secret, src / "notes" / "backup.txt")
+        with pytest.raises(dp.UnsafeSourceError, match=f"backup.txt: same content as .*{what}"):
+            dp.deploy([], md, src, "~/x")
+
+
+def test_cli_refuses_secrets_and_bad_fanout_in_one_line(lab, lab_session: Path) -> None:
+    env = {**os.environ, "MENTO_SSH_CONFIG": str(lab.ssh_config)}
+    env.pop("MENTO_METADATA", None)
+    cli = [sys.executable, "-c", "from mento_fab.cli import main; main()"]
+    base = [*cli, "deploy", "--metadata", str(lab_session), "--target", "~/never"]
+    proc = subprocess.run(
+        [*base, "--source", str(lab_session.parent)], capture_output=True, text=True, env=env,
+        timeout=60,
+    )  # fmt: skip
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "refusing to ship" in proc.stderr and "PRIVATE KEY" not in proc.stderr
+    for task in ("deploy", "rollback", "releases"):
+        for bad in ("abc", "0"):
+            argv = [*cli, task, "--metadata", str(lab_session), "--fanout", bad]
+            proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+            assert "--fanout" in proc.stderr

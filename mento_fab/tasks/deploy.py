@@ -47,6 +47,11 @@ def _target(c: Context, target: str | None) -> str | None:
     return common.setting(c, "deploy_target", target)
 
 
+def _fanout(c: Context, fanout: Any) -> int:
+    """``--fanout`` checked like run-on-nodes does: one line for ``abc`` or ``0``, not a trace."""
+    return int(common.number("--fanout", common.setting(c, "fanout", fanout)))
+
+
 def _size(n: int | None) -> str:
     if n is None:
         return "-"
@@ -67,6 +72,8 @@ def _render(report: Any, json: bool) -> None:
         for result in report.run.results:
             info = report.details.get(result.node, {})
             note = result.error or (result.stderr.strip() if not result.ok else result.stdout)
+            if result.ok and info.get("warning"):
+                note = f"{note}; {info['warning']}"
             rows.append([
                 result.node,
                 info.get("state", "ok" if result.ok else "failed"),
@@ -108,14 +115,16 @@ def deploy(
     json: bool = False,
 ):
     """Ship SOURCE to every reserved node: stage everywhere, then switch `current` at once."""
-    from mento_fab.deploy import DEFAULT_KEEP, beamtime_files, build_release
+    from mento_fab.deploy import DEFAULT_KEEP, beamtime_files, build_release, refuse_secrets
     from mento_fab.deploy import deploy as run_deploy
 
+    workers = _fanout(c, fanout)
     md, path = common.load(c, root_dir, metadata)
     session_root = Path(path).resolve().parent
     release = build_release(
         source, exclude or [], extra_files=beamtime_files(md, session_root), install=install
     )
+    refuse_secrets(release, md)  # before any connection is opened
     with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
@@ -133,7 +142,7 @@ def deploy(
                 system_site_packages=system_site_packages,
                 keep=DEFAULT_KEEP if keep is None else int(keep),
                 dry_run=dry_run,
-                fanout=int(common.setting(c, "fanout", fanout)),
+                fanout=workers,
                 on_event=lambda node, what: progress.advance() if what == "staged" else None,
                 release=release,
             )
@@ -163,14 +172,13 @@ def rollback(
     """Switch every node back to the previous release (all nodes or none)."""
     from mento_fab.deploy import rollback as run_rollback
 
+    workers = _fanout(c, fanout)
     md, _ = common.load(c, root_dir, metadata)
     with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
     ) as grp:  # fmt: skip
-        report = run_rollback(
-            grp, md, _target(c, target), to=to, fanout=int(common.setting(c, "fanout", fanout))
-        )
+        report = run_rollback(grp, md, _target(c, target), to=to, fanout=workers)
     _render(report, json)
 
 
@@ -195,13 +203,14 @@ def releases(
     from mento_fab.deploy import default_target
     from mento_fab.deploy import releases as list_releases
 
+    workers = _fanout(c, fanout)
     md, _ = common.load(c, root_dir, metadata)
     label = _target(c, target) or default_target(md)
     with common.group(
         c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
     ) as grp:  # fmt: skip
-        run, found = list_releases(grp, md, label, fanout=int(common.setting(c, "fanout", fanout)))
+        run, found = list_releases(grp, md, label, fanout=workers)
     if json:
         common.print_json(
             reporting.to_json(
