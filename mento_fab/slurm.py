@@ -7,10 +7,15 @@ every argument is built with :func:`shlex.quote`.
 
 Slurm 22.05 without accounting sets the limits of what can be parsed:
 
-- no ``--json`` for reservations: ``scontrol -o show reservation NAME`` is parsed
-  as ``key=value`` text;
-- ``squeue`` is read with ``--noheader --format`` and an ASCII unit separator
-  (``\\x1f``) between fields, the free-text job name last;
+- no ``--json`` at all in scontrol (``scontrol: unrecognized option '--json'``):
+  ``scontrol -o show job/reservation`` is ``key=value`` text. Values are free
+  text (a job name may be ``x JobState=COMPLETED ExitCode=0:0``), so nothing is
+  taken from "the first ``Key=``": a job's line is matched against Slurm's fixed
+  field order around the name (``JobName=`` ... `` UserId=u(uid) GroupId=``
+  ... ``ExitCode=n:m``), and a reservation's keys are looked up in their order;
+- ``squeue`` is read with ``--noheader --format``: each record starts with a
+  random per-call token and its fields are split by an ASCII unit separator
+  (``\\x1f``), the free-text job name last, so a name cannot fake a row;
 - no ``sacct``: a job's exit code comes from ``scontrol -o show job`` while
   slurmctld still remembers the job (``MinJobAge``, 300 s by default, 30 s in
   the lab). :meth:`Job.wait` polls far more often than that and a :class:`Job`
@@ -71,8 +76,11 @@ __all__ = [
     "cancel",
     "default_job_name",
     "jobs",
+    "parse_job",
     "parse_key_values",
     "parse_label_output",
+    "parse_reservation",
+    "parse_squeue",
     "pick_submit_node",
     "reservation",
     "run_via_slurm",
@@ -106,6 +114,24 @@ TERMINAL_STATES = frozenset(
 )
 _SEP = "\x1f"
 _SQUEUE_FIELDS = ("%i", "%T", "%M", "%D", "%N", "%r", "%j")
+#: ``scontrol -o show job`` from JobName= to ExitCode= (22.05's fixed order; only the
+#: name is free text there). ``{name}`` is ``.*?`` or ``.*``: see :func:`parse_job`.
+_JOB_HEAD = (
+    r"JobId=(?P<JobId>\S+) (?:\S+=\S* )*?JobName=(?P<JobName>{name}) "
+    r"UserId=(?P<UserId>\S*) GroupId=\S* MCS_label=\S* Priority=\d+ Nice=-?\d+ "
+    r"Account=\S* QOS=\S* (?:WCKey=\S* )?JobState=(?P<JobState>[A-Z_]+) "
+    r"Reason=(?P<Reason>\S*(?: \S+)*?) Dependency=\S* Requeue=\d+ Restarts=\d+ "
+    r"BatchFlag=\d+ Reboot=\d+ ExitCode=(?P<ExitCode>\d+:\d+)(?=\s|$)"
+)
+_JOB_HEAD_FIRST = re.compile(_JOB_HEAD.format(name=".*?"))
+_JOB_HEAD_LAST = re.compile(_JOB_HEAD.format(name=".*"))
+#: What follows ExitCode= up to the first free text (Command=, WorkDir=, StdOut=, ...).
+_JOB_TAIL_KEYS = ("RunTime", "TimeLimit", "NodeList", "BatchHost")
+_RESERVATION_KEYS = (
+    "ReservationName", "StartTime", "EndTime", "Duration", "Nodes", "NodeCnt", "CoreCnt",
+    "Features", "PartitionName", "Flags", "TRES", "Users", "Groups", "Accounts", "Licenses",
+    "State", "BurstBuffer", "Watts", "MaxStartDelay",
+)  # fmt: skip
 _JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\.\w+)?$")
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
 _LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.S)
@@ -125,17 +151,29 @@ class ReservationError(SlurmError):
 
 
 # --------------------------------------------------------------------- parsing
-def parse_key_values(text: str) -> dict[str, str]:
-    """``scontrol -o show ...`` output as a dict (the first occurrence of a key wins).
+def parse_key_values(text: str, keys: Sequence[str] | None = None) -> dict[str, str]:
+    """``scontrol -o show ...`` output as a dict.
 
-    A value runs up to the next `` Key=``, so values with spaces (job names,
-    commands) survive as long as they do not themselves contain ``Word=``.
+    With ``keys`` (the keys Slurm prints, in its order) only those count: each
+    is looked for after the previous one found, and a value runs up to the next
+    key found, so a value containing ``Word=`` (or a later key) stays whole
+    unless it contains the very key that follows it. Without ``keys`` any
+    `` Word=`` starts a value and the first occurrence of a key wins: only for
+    text whose values Slurm controls.
     """
-    matches = list(_KEY.finditer(text))
+    if keys is None:
+        matches = [(m.group(1), m.start(), m.end()) for m in _KEY.finditer(text)]
+    else:
+        matches, pos = [], 0
+        for key in keys:
+            found = re.compile(rf"(?:^|\s)({re.escape(key)})=").search(text, pos)
+            if found is not None:
+                matches.append((key, found.start(), found.end()))
+                pos = found.end()
     values: dict[str, str] = {}
-    for i, match in enumerate(matches):
-        end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
-        values.setdefault(match.group(1), text[match.end() : end].strip())
+    for i, (key, _start, value_start) in enumerate(matches):
+        end = matches[i + 1][1] if i + 1 < len(matches) else len(text)
+        values.setdefault(key, text[value_start:end].strip())
     return values
 
 
@@ -195,10 +233,23 @@ class JobInfo:
         return data
 
 
-def parse_squeue(text: str) -> list[JobInfo]:
-    """Rows of ``squeue --noheader --format`` with :data:`_SQUEUE_FIELDS` joined by ``\\x1f``."""
+def squeue_format(token: str = "") -> str:
+    """The ``--format`` value :func:`parse_squeue` reads; ``token`` starts every record."""
+    return token + _SEP.join(_SQUEUE_FIELDS)
+
+
+def parse_squeue(text: str, token: str = "") -> list[JobInfo]:
+    """Records of ``squeue --noheader --format=<squeue_format(token)>``.
+
+    With a ``token`` (random per call) records are split on it, so a job name
+    with a newline and a fake row in it stays one name; without, one per line.
+    """
+    if token:
+        records = [r[:-1] if r.endswith("\n") else r for r in text.split(token)[1:]]
+    else:
+        records = text.splitlines()
     found = []
-    for line in text.splitlines():
+    for line in records:
         if not line.strip():
             continue
         parts = line.split(_SEP, len(_SQUEUE_FIELDS) - 1)
@@ -219,14 +270,58 @@ def parse_squeue(text: str) -> list[JobInfo]:
     return found
 
 
-def parse_job(text: str) -> JobInfo:
-    """``scontrol -o show job ID`` output (one job) as a :class:`JobInfo`."""
-    kv = parse_key_values(text)
-    state = kv.get("JobState", "UNKNOWN").split()[0]
+def parse_job(text: str, name: str | None = None) -> JobInfo:
+    """``scontrol -o show job ID`` output (one job) as a :class:`JobInfo`.
+
+    The name is the only free text before ExitCode=, so the line is matched
+    against the fixed fields around it twice, with the shortest and the longest
+    possible name. Both agree unless the name itself contains a forged
+    `` UserId=... ExitCode=`` sequence; then the ``name`` the caller submitted
+    with decides, and without one SlurmError is raised rather than a guess that
+    could turn a failed job into a success.
+    """
+    first, last = _JOB_HEAD_FIRST.match(text), _JOB_HEAD_LAST.match(text)
+    if first is None or last is None:
+        return _parse_job_loosely(text)
+    head = first
+    if first.group("JobName") != last.group("JobName"):
+        if name is not None and last.group("JobName") == name:
+            head = last
+        elif name is None or first.group("JobName") != name:
+            raise SlurmError(
+                f"job {first.group('JobId')}: its name mimics scontrol's fields; cannot "
+                "tell them apart (give the name it was submitted with)"
+            )
+    tail = parse_key_values(text[head.end() :], _JOB_TAIL_KEYS)
+    state, reason = head.group("JobState"), head.group("Reason")
+    return JobInfo(
+        id=head.group("JobId"),
+        name=head.group("JobName"),
+        state=state,
+        nodes=_expand(tail.get("NodeList")),
+        elapsed=tail.get("RunTime", ""),
+        reason="" if reason in _MISSING else reason,
+        exit_code=_exit_code(state, head.group("ExitCode")),
+    )
+
+
+def _parse_job_loosely(text: str) -> JobInfo:
+    """A line not in 22.05's shape: the name ends at the first `` UserId=``, and only
+    what follows it is searched, so a name cannot set the state or exit code."""
+    log.debug("scontrol show job line not in the expected shape: %r", text[:300])
+    start = text.find("JobName=")
+    user = text.find(" UserId=", start) if start >= 0 else -1
+    if start >= 0 and user >= 0:
+        name, rest = text[start + len("JobName=") : user], text[user:]
+    else:
+        name, rest = "", text
+    kv = parse_key_values(rest)
+    job_id = parse_key_values(text[:start] if start >= 0 else text).get("JobId", "")
+    state = (kv.get("JobState") or "UNKNOWN").split()[0]
     reason = kv.get("Reason", "")
     return JobInfo(
-        id=kv.get("JobId", ""),
-        name=kv.get("JobName", ""),
+        id=job_id,
+        name=name,
         state=state,
         nodes=_expand(kv.get("NodeList")),
         elapsed=kv.get("RunTime", ""),
@@ -286,7 +381,7 @@ class Reservation:
 
 def parse_reservation(text: str) -> Reservation:
     """``scontrol -o show reservation NAME`` output (22.05 has no ``--json`` for it)."""
-    kv = parse_key_values(text)
+    kv = parse_key_values(text, _RESERVATION_KEYS)
 
     def items(key: str) -> list[str]:
         value = kv.get(key, "")
@@ -554,8 +649,12 @@ class Slurm:
         """A handle on an existing job."""
         return Job(_check_job_id(job_id), self)
 
-    def show_job(self, job_id: str | int) -> JobInfo | None:
-        """``scontrol show job``: None when slurmctld does not know (or no longer knows) it."""
+    def show_job(self, job_id: str | int, name: str | None = None) -> JobInfo | None:
+        """``scontrol show job``: None when slurmctld does not know (or no longer knows) it.
+
+        ``name``, the name the job was submitted with, settles a name that mimics
+        scontrol's own fields (see :func:`parse_job`).
+        """
         job_id = _check_job_id(job_id)
         result = self.call(["scontrol", "-o", "show", "job", job_id], check=False)
         if result.error:
@@ -564,19 +663,21 @@ class Slurm:
             if "Invalid job id" in result.stderr:
                 return None
             raise SlurmError(f"scontrol failed: {_complaint(result)}")
-        return parse_job(result.stdout.strip().splitlines()[0] if result.stdout.strip() else "")
+        lines = result.stdout.strip().splitlines()
+        return parse_job(lines[0] if lines else "", name)
 
     def jobs(self, *, everyone: bool = False) -> list[JobInfo]:
         """The reservation's queued and running jobs of the beamtime account (or everyone's)."""
+        token = "MENTO" + secrets.token_hex(8)
         argv = [
             "squeue",
             "--noheader",
             f"--reservation={self.info.reservation}",
-            f"--format={_SEP.join(_SQUEUE_FIELDS)}",
+            f"--format={squeue_format(token)}",
         ]
         if not everyone and self.md.online is not None:
             argv.insert(2, f"--user={self.md.online.ssh.user}")
-        return parse_squeue(self.call(argv).stdout)
+        return parse_squeue(self.call(argv).stdout, token)
 
     def cancel(self, job_ids: Iterable[str | int] = (), *, all: bool = False) -> list[str]:
         """scancel the given jobs, or with ``all`` every job of :meth:`jobs`; returns the ids."""
@@ -638,7 +739,7 @@ class Job:
         """Ask slurmctld now; a forgotten job keeps its last seen end, else is UNKNOWN."""
         if self.last is not None and self.last.finished:
             return self.last
-        seen = self.slurm.show_job(self.id)
+        seen = self.slurm.show_job(self.id, self.name or None)
         if seen is None:
             seen = JobInfo(id=self.id, name=self.name, state="UNKNOWN")
             if self.last is not None:

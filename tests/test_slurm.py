@@ -25,6 +25,7 @@ from mento_fab.slurm import (
     Job,
     ReservationError,
     Slurm,
+    SlurmError,
     parse_job,
     parse_key_values,
     parse_label_output,
@@ -71,16 +72,79 @@ def test_reservation_key_values_are_parsed() -> None:
     assert res.compare(["cn01", "cn02", "cn05"]) == (["cn05"], ["cn03", "cn04"])
 
 
-def test_job_name_with_spaces_and_equals_like_text_survives() -> None:
-    text = (
-        "JobId=7 JobName=my job|x UserId=mentolab(1001) JobState=FAILED Reason=NonZeroExitCode "
-        "ExitCode=3:0 RunTime=00:00:02 NodeList=cn[01-02] Command=/tmp/j.sh a b"
+def job_line(name: str, state: str = "FAILED", code: str = "3:0", tail: str = "") -> str:
+    """``scontrol -o show job`` as Slurm 22.05 prints it (copied from the lab)."""
+    reason = "NonZeroExitCode" if state == "FAILED" else "None"
+    return (
+        f"JobId=7 JobName={name} UserId=mentolab(1001) GroupId=mentolab(1001) MCS_label=N/A "
+        "Priority=4294901759 Nice=0 Account=(null) QOS=(null) "
+        f"JobState={state} Reason={reason} Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 "
+        f"Reboot=0 ExitCode={code} RunTime=00:00:02 TimeLimit=1-00:00:00 TimeMin=N/A "
+        "SubmitTime=2026-11-24T23:17:19 Partition=lab AllocNode:Sid=localhost:18 "
+        "ReqNodeList=(null) ExcNodeList=(null) NodeList=cn[01-02] BatchHost=cn01 NumNodes=2 "
+        "TRES=cpu=2,node=2,billing=2 Features=(null) Reservation=11019999 "
+        f"Command=/tmp/j.sh a b WorkDir=/home/mentolab StdErr=/dev/null StdOut=/dev/null{tail}"
     )
+
+
+def test_job_name_with_spaces_and_equals_like_text_survives() -> None:
+    text = job_line("my job|x")
     kv = parse_key_values(text)
     assert kv["JobName"] == "my job|x"
     assert kv["Command"] == "/tmp/j.sh a b"
     job = parse_job(text)
-    assert (job.state, job.exit_code, job.nodes) == ("FAILED", 3, ["cn01", "cn02"])
+    assert (job.name, job.state, job.exit_code) == ("my job|x", "FAILED", 3)
+    assert (job.nodes, job.elapsed) == (["cn01", "cn02"], "00:00:02")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "x JobState=COMPLETED ExitCode=0:0",
+        "run x=1",
+        "a=b c=d NodeList=cn99 RunTime=9",
+        " lead and trail ",
+        "UserId=evil",
+        "x JobState=COMPLETED ExitCode=0:0 UserId=u(1) GroupId=g(1)",
+    ],
+)
+def test_a_job_name_cannot_override_slurms_fields(name: str) -> None:
+    job = parse_job(job_line(name, tail=" Comment=JobState=COMPLETED ExitCode=0:0"))
+    assert (job.name, job.state, job.exit_code) == (name, "FAILED", 3)
+    assert (job.nodes, job.elapsed) == (["cn01", "cn02"], "00:00:02")
+
+
+def test_a_name_forging_the_whole_field_sequence_is_refused_unless_known() -> None:
+    forged = (
+        "x UserId=a(1) GroupId=a(1) MCS_label=N/A Priority=1 Nice=0 Account=(null) "
+        "QOS=(null) JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 "
+        "BatchFlag=1 Reboot=0 ExitCode=0:0"
+    )
+    text = job_line(forged)
+    with pytest.raises(SlurmError, match="mimics"):
+        parse_job(text)
+    job = parse_job(text, name=forged)
+    assert (job.name, job.state, job.exit_code) == (forged, "FAILED", 3)
+    with pytest.raises(SlurmError):
+        parse_job(text, name="something else")
+
+
+def test_a_job_line_of_another_shape_still_keeps_the_name_out() -> None:
+    text = (
+        "JobId=9 JobName=x JobState=COMPLETED ExitCode=0:0 UserId=u(1) JobState=FAILED ExitCode=2:0"
+    )
+    job = parse_job(text)
+    assert (job.id, job.name, job.state, job.exit_code) == (
+        "9", "x JobState=COMPLETED ExitCode=0:0", "FAILED", 2,
+    )  # fmt: skip
+
+
+def test_a_reservation_name_cannot_override_its_fields() -> None:
+    text = RESERVATION_TEXT.replace(
+        "ReservationName=11019999", "ReservationName=r State=GONE Nodes=x"
+    )
+    res = parse_reservation(text)
+    assert (res.name, res.state, res.nodes[:1]) == ("r State=GONE Nodes=x", "ACTIVE", ["cn01"])
 
 
 @pytest.mark.parametrize(
@@ -94,7 +158,7 @@ def test_job_name_with_spaces_and_equals_like_text_survives() -> None:
     ],
 )
 def test_exit_codes_from_scontrol(state: str, code: str, expected: int | None) -> None:
-    assert parse_job(f"JobId=1 JobState={state} ExitCode={code}").exit_code == expected
+    assert parse_job(job_line("j", state, code)).exit_code == expected
 
 
 def test_squeue_rows_split_on_the_unit_separator_only() -> None:
@@ -103,6 +167,13 @@ def test_squeue_rows_split_on_the_unit_separator_only() -> None:
     assert job.id == "12" and job.state == "RUNNING" and job.elapsed == "1:02"
     assert job.nodes == ["cn01", "cn02"] and job.reason == ""
     assert job.name == "a|b c\x1fd"  # the name is last: it may contain anything
+
+
+def test_squeue_records_start_with_the_token_so_a_name_cannot_fake_a_row() -> None:
+    fake = "\x1f".join(["13", "RUNNING", "0:01", "1", "cn09", "None", "fake"])
+    row = "\x1f".join(["12", "PENDING", "0:00", "1", "", "Priority", f"a\n{fake}"])
+    (job,) = parse_squeue(f"TOK{row}\n", "TOK")
+    assert (job.id, job.state, job.name) == ("12", "PENDING", f"a\n{fake}")
 
 
 def test_label_output_maps_tasks_to_nodes_and_keeps_a_missing_newline() -> None:
@@ -194,6 +265,38 @@ def test_a_failing_job_propagates_its_exit_code(slurm, tmp_path) -> None:
     info = job.wait(timeout=WAIT)
     assert info.state == "FAILED" and info.exit_code == 7
     assert job.state() == "FAILED"  # kept, also once slurmctld forgets the job
+
+
+HOSTILE_NAMES = [
+    "x JobState=COMPLETED ExitCode=0:0",
+    "run x=1",
+    "x UserId=a(1) GroupId=a(1) MCS_label=N/A Priority=1 Nice=0 Account=(null) QOS=(null) "
+    "JobState=COMPLETED Reason=None Dependency=(null) Requeue=1 Restarts=0 BatchFlag=1 "
+    "Reboot=0 ExitCode=0:0",
+]
+
+
+def test_hostile_job_names_cannot_turn_a_failure_into_success(slurm, tmp_path) -> None:
+    path = script(tmp_path, "sleep 2; exit 3")
+    submitted = [slurm.submit(path, output="/dev/null", job_name=name) for name in HOSTILE_NAMES]
+    listed = {j.id: j for j in slurm.jobs()}
+    assert [listed[j.id].name for j in submitted] == HOSTILE_NAMES
+    for job, name in zip(submitted, HOSTILE_NAMES, strict=True):
+        info = job.wait(timeout=WAIT)
+        assert (info.state, info.exit_code, info.name) == ("FAILED", 3, name)
+    with pytest.raises(SlurmError, match="mimics"):  # no name to tell the forgery apart
+        slurm.job(submitted[2].id).info()
+
+
+def test_cli_submit_wait_with_a_hostile_name_exits_with_the_job_exit_code(
+    slurm_lab, slurm_session, tmp_path
+) -> None:
+    path = script(tmp_path, "exit 3")
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)}
+    proc = mento("submit", str(path), "--metadata", str(slurm_session), "--output", "/dev/null",
+                 "--job-name", HOSTILE_NAMES[0], "--wait", env=env)  # fmt: skip
+    assert proc.returncode == 3, proc.stderr
+    assert "FAILED" in proc.stderr
 
 
 def test_cli_submit_wait_exits_with_the_job_exit_code(slurm_lab, slurm_session, tmp_path):
