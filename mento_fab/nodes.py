@@ -43,6 +43,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_CONNECT_TIMEOUT = 10.0
+#: Seconds between SSH keepalives on an open connection.
+KEEPALIVE_INTERVAL = 15.0
+#: Seconds of unacknowledged data after which a connection counts as dead.
+DEAD_PEER_TIMEOUT = 60.0
+TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # Linux
 
 
 class SelectionError(ValueError):
@@ -116,42 +121,59 @@ def connection_node(conn: fabric.Connection) -> str:
     return str(getattr(conn, "original_host", None) or conn.host)
 
 
-class KnownHosts:
-    """One known_hosts file, parsed once per group and appended to like OpenSSH does.
+#: Where clusters publish their nodes' keys (OpenSSH's GlobalKnownHostsFile default).
+SYSTEM_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
 
+
+class KnownHosts:
+    """The user's known_hosts file plus the system-wide ones, parsed once per group.
+
+    New keys are appended to the user's file under a lock, like OpenSSH does:
     paramiko's ``save_host_keys`` rewrites the whole file from one client's
-    memory; with 32 clients in threads that loses lines, so new keys are appended
-    under a lock instead.
+    memory, and with 32 clients in threads that loses lines. The system files
+    (where admins publish node keys) are only read.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], system_files: Iterable[str] = SYSTEM_KNOWN_HOSTS
+    ) -> None:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
-        self._keys = paramiko.HostKeys()
-        if self.path.is_file():
-            try:
-                self._keys.load(str(self.path))
-            except (OSError, paramiko.SSHException) as exc:
-                log.warning("%s: could not read known hosts: %s", self.path, exc)
+        self._tables = [paramiko.HostKeys(), paramiko.HostKeys()]  # user's, system's
+        for table, files in ((self._tables[0], [self.path]), (self._tables[1], system_files)):
+            for file in map(Path, files):
+                if not file.is_file():
+                    continue
+                try:
+                    table.load(str(file))
+                except (OSError, paramiko.SSHException) as exc:
+                    log.warning("%s: could not read known hosts: %s", file, exc)
 
-    def lookup(self, names: Iterable[str]) -> dict[str, paramiko.PKey]:
-        found: dict[str, paramiko.PKey] = {}
+    def lookup(self, names: Iterable[str]) -> dict[str, list[paramiko.PKey]]:
+        """Every known key of each key type recorded for any of ``names``."""
+        found: dict[str, list[paramiko.PKey]] = {}
         with self._lock:
-            for name in names:
-                entry = self._keys.lookup(name)
-                if entry:
-                    for keytype in entry:
-                        found.setdefault(keytype, entry[keytype])
+            for table in self._tables:
+                for name in names:
+                    entry = table.lookup(name)
+                    for keytype in entry or ():
+                        found.setdefault(keytype, []).append(entry[keytype])
         return found
 
     def add(self, names: list[str], key: paramiko.PKey) -> None:
         line = f"{','.join(names)} {key.get_name()} {key.get_base64()}\n"
         with self._lock:
+            try:
+                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="ascii") as handle:
+                    handle.write(line)
+            except OSError as exc:
+                raise HostKeyRefused(
+                    f"cannot record the host key of {names[0]} in {self.path}: "
+                    f"{exc.strerror or exc}"
+                ) from None
             for name in names:
-                self._keys.add(name, key.get_name(), key)
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(self.path, "a", encoding="ascii") as handle:
-                handle.write(line)
+                self._tables[0].add(name, key.get_name(), key)
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
@@ -181,14 +203,13 @@ class _PolicyForNode(paramiko.MissingHostKeyPolicy):
                 _fingerprint(key),
             )
             return
-        known = self.known.lookup(names)
-        expected = known.get(key.get_name())
-        if expected is not None:
-            if expected == key:
+        expected = self.known.lookup(names).get(key.get_name())
+        if expected:
+            if key in expected:
                 return
             raise HostKeyRefused(
                 f"host key of {self.alias} CHANGED: it presents {_fingerprint(key)}, "
-                f"{self.known.path} has {_fingerprint(expected)}. If the node was reinstalled, "
+                f"{self.known.path} has {_fingerprint(expected[0])}. If the node was reinstalled, "
                 f"check with the cluster admins and remove the old key "
                 f"(ssh-keygen -R {self.alias} -f {self.known.path}); otherwise someone may be "
                 "intercepting the connection."
@@ -222,6 +243,11 @@ class NodeConnection(fabric.Connection):
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # A node that vanishes without a reset (power, network) fails the
+                # socket once keepalives go unanswered, instead of hanging forever.
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(DEAD_PEER_TIMEOUT * 1000))
+        if self.transport is not None:
+            self.transport.set_keepalive(max(1, int(KEEPALIVE_INTERVAL)))
         return result
 
 
@@ -296,7 +322,8 @@ def nodes_group(
         # Per-host UserKnownHostsFile is honoured through the first node's lookup.
         files = config.base_ssh_config.lookup(selected[0]).get("userknownhostsfile")
         known_hosts = files.split()[0] if files else "~/.ssh/known_hosts"
-    known = KnownHosts(known_hosts)
+    system = config.base_ssh_config.lookup(selected[0]).get("globalknownhostsfile")
+    known = KnownHosts(known_hosts, system.split() if system else SYSTEM_KNOWN_HOSTS)
 
     connections = []
     for node in selected:
@@ -328,6 +355,12 @@ def nodes_group(
             hop.client.set_missing_host_key_policy(
                 _PolicyForNode(policy, known, connection_node(hop))
             )
+            hop.connect_timeout = connect_timeout
+            hop.connect_kwargs = {
+                **hop.connect_kwargs,
+                **{k: connect_timeout for k in ("banner_timeout", "auth_timeout")},
+                "channel_timeout": connect_timeout,
+            }
             hop = hop.gateway
         connections.append(conn)
     group_class = fabric.SerialGroup if serial else fabric.ThreadingGroup

@@ -157,7 +157,9 @@ def describe_error(exc: BaseException, timeout: float | None = None) -> str:
         return f"ssh error: {text}"
     if isinstance(exc, OSError):
         return f"unreachable: {exc.strerror or exc}".lower()
-    return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, EOFError):
+        return "connection closed by the node"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _remote_command(command: str, env: Mapping[str, str] | None, timeout: float | None) -> str:
@@ -177,6 +179,28 @@ def _remote_command(command: str, env: Mapping[str, str] | None, timeout: float 
         exports = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
         line = f"export {exports}; {line}"
     return line
+
+
+class _Deadline(Exception):
+    """The command's own time is up (distinct from connect timeouts, which are errors)."""
+
+
+#: Longest wait between liveness checks while a command runs.
+POLL_SLICE = 5.0
+
+
+def _slice(deadline: float | None) -> float:
+    if deadline is None:
+        return POLL_SLICE
+    return max(0.0, min(POLL_SLICE, deadline - time.monotonic()))
+
+
+def _check_alive(transport: paramiko.Transport, deadline: float | None) -> None:
+    """Raise when the command's time is up or the connection is gone."""
+    if deadline is not None and time.monotonic() >= deadline:
+        raise _Deadline
+    if not transport.is_active():
+        raise NodeError("connection lost before the command finished")
 
 
 class _LineSplitter:
@@ -255,31 +279,29 @@ def execute(
                 err += chunk
                 if splitters:
                     splitters[1].feed(chunk)
-            if (
-                channel.eof_received
-                and not channel.recv_ready()
-                and not channel.recv_stderr_ready()
-            ):
+            drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+            if (channel.eof_received or channel.closed) and drained:
                 break
+            _check_alive(transport, deadline)
+            select.select([channel], [], [], _slice(deadline))
+        # Output is complete; the exit status follows (or the command still runs
+        # after closing its output). Wait in slices so a dead node is noticed.
+        while not channel.status_event.wait(_slice(deadline)):
             if channel.closed:
                 break
-            wait = 5.0 if deadline is None else deadline - time.monotonic()
-            if wait <= 0:
-                raise TimeoutError
-            select.select([channel], [], [], min(wait, 5.0))
-        wait = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if not channel.status_event.wait(wait):
-            raise TimeoutError
-        status = channel.exit_status
+            _check_alive(transport, deadline)
+        status = channel.exit_status if channel.status_event.is_set() else -1
         ran_out = timeout is not None and time.monotonic() - start >= timeout
-        if ran_out and status in (124, 137):
+        if ran_out and status in (124, 137, -1):  # -1: timeout -k's KILL took the shell too
             result.error = f"timed out after {timeout:g} s (remote command killed)"
+        elif status == -1 and transport.is_active():
+            result.error = "killed by a signal (no exit status)"
         elif status == -1:
-            result.error = "connection closed before the command reported an exit status"
+            result.error = "connection lost before the command finished"
         else:
             result.exit = status
-    except TimeoutError:
-        result.error = f"timed out after {timeout:g} s" if timeout else "timed out"
+    except _Deadline:
+        result.error = f"timed out after {timeout:g} s"
     except Exception as exc:  # one node's failure is data, not an exception
         result.error = describe_error(exc, conn.connect_timeout)
     finally:
@@ -317,10 +339,13 @@ def map_nodes(
 
     def call(conn: fabric.Connection) -> None:
         node = connection_node(conn)
+        _worker.active = True
         try:
             value: T | BaseException = func(conn)
         except Exception as exc:
             value = exc
+        finally:
+            _worker.active = False
         outcome[node] = value
         if on_done is not None:
             on_done(node, value)
@@ -338,6 +363,9 @@ def map_nodes(
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+#: Set while a thread runs a node's work: a run() started from there (say from an
+#: on_result callback) must not queue behind its own caller on the shared pool.
+_worker = threading.local()
 
 
 def _shared_pool(workers: int) -> ThreadPoolExecutor:
@@ -374,7 +402,9 @@ def run(
         if on_result is not None and isinstance(value, NodeResult):
             on_result(value)
 
-    outcome = map_nodes(group, one, fanout=fanout, on_done=done, executor=_shared_pool(fanout))
+    nested = getattr(_worker, "active", False)
+    pool = None if nested else _shared_pool(fanout)
+    outcome = map_nodes(group, one, fanout=fanout, on_done=done, executor=pool)
     results = [
         v if isinstance(v, NodeResult) else NodeResult(node=n, error=describe_error(v))
         for n, v in outcome.items()

@@ -405,3 +405,82 @@ def test_proxyjump_from_ssh_config_and_its_host_key_is_checked(lab, lab_session,
     assert name == "cn02"
     assert connection.split()[0] == lab.addresses["cn01"]  # came in through the jump host
     assert any(line.startswith("cn01,") for line in known.read_text().splitlines())
+
+
+def test_a_run_started_from_a_result_callback_does_not_deadlock(group) -> None:
+    inner: list = []
+    outer: list = []
+
+    def nested() -> None:
+        on_result = lambda r: inner.append(run(group, "true", fanout=4))  # noqa: E731
+        outer.append(run(group, "true", fanout=4, on_result=on_result))
+
+    thread = threading.Thread(target=nested, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "deadlocked"
+    assert outer[0].ok
+    assert len(inner) == 4 and all(r.ok for r in inner)
+
+
+def test_a_node_that_vanishes_mid_command_fails_instead_of_hanging(
+    lab, lab_session, known_hosts, monkeypatch
+) -> None:
+    import mento_fab.nodes as nodes_module
+
+    monkeypatch.setattr(nodes_module, "KEEPALIVE_INTERVAL", 1.0)
+    monkeypatch.setattr(nodes_module, "DEAD_PEER_TIMEOUT", 3.0)
+    grp = nodes_group(
+        lab_session, nodes="cn[01-02]", ssh_config=lab.ssh_config, known_hosts=known_hosts
+    )
+    cut = threading.Timer(1.0, lab.node_exec, args=("cn01", ["ip", "link", "set", "eth0", "down"]))
+    try:
+        cut.start()
+        start = time.monotonic()
+        report = run(grp, "sleep 3; echo done")
+        elapsed = time.monotonic() - start
+    finally:
+        cut.join()
+        lab.node_exec("cn01", ["ip", "link", "set", "eth0", "up"])
+        grp.close()
+    assert report["cn02"].stdout == "done\n" and report["cn02"].exit == 0
+    assert report["cn01"].exit is None and "connection lost" in report["cn01"].error
+    assert elapsed < 30  # the dead-peer timeout, not forever
+
+
+def test_a_command_that_ignores_sigterm_is_still_killed(lab, group) -> None:
+    marker = "876543"
+    report = run(group, f"trap '' TERM; sleep {marker}", timeout=1)
+    assert all("timed out after 1 s" in r.error for r in report.results), report.results
+    time.sleep(0.5)
+    assert not [p for n in lab.nodes[:4] for p, cmd in lab.node_pids(n).items() if marker in cmd]
+
+
+def test_hop_timeouts_follow_connect_timeout(
+    lab, lab_session, known_hosts, silent_listener, tmp_path
+) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        f"Host jump\n  HostName 127.0.0.1\n  Port {silent_listener}\n\n"
+        "Host cn02\n  ProxyJump jump\n\n" + lab.ssh_config.read_text()
+    )
+    start = time.monotonic()
+    report = run_on_nodes(
+        "true", metadata=lab_session, nodes="cn02", ssh_config=config,
+        known_hosts=known_hosts, connect_timeout=2,
+    )  # fmt: skip
+    assert report["cn02"].exit is None
+    assert time.monotonic() - start < 2 + 6  # not paramiko's 15 s banner default
+
+
+def test_published_system_known_hosts_satisfy_strict(lab, lab_session, tmp_path) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(
+        lab.ssh_config.read_text() + f"\nHost *\n  GlobalKnownHostsFile {lab.known_hosts}\n"
+    )
+    report = run_on_nodes(
+        "true", metadata=lab_session, ssh_config=config,
+        known_hosts=tmp_path / "empty_known_hosts", host_keys="strict",
+    )  # fmt: skip
+    assert report.ok, report.results
+    assert not (tmp_path / "empty_known_hosts").exists()

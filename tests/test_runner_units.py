@@ -115,9 +115,36 @@ def test_known_hosts_appends_concurrently_without_losing_lines(tmp_path: Path) -
         thread.join()
     lines = path.read_text().splitlines()
     assert len(lines) == 20
-    reread = KnownHosts(path)
-    assert reread.lookup(["10.0.0.7"])[key.get_name()] == key
+    reread = KnownHosts(path, system_files=())
+    assert reread.lookup(["10.0.0.7"])[key.get_name()] == [key]
     assert reread.lookup(["cn99"]) == {}
+
+
+def test_known_hosts_reads_system_files_and_never_writes_them(tmp_path: Path) -> None:
+    system = tmp_path / "ssh_known_hosts"
+    published = paramiko.RSAKey.generate(1024)
+    system.write_text(f"cn01 {published.get_name()} {published.get_base64()}\n")
+    known = KnownHosts(tmp_path / "user_known_hosts", system_files=[str(system)])
+    assert known.lookup(["cn01"]) == {published.get_name(): [published]}
+    other = paramiko.RSAKey.generate(1024)
+    known.add(["cn02"], other)
+    assert "cn02" not in system.read_text()
+    assert "cn02" in (tmp_path / "user_known_hosts").read_text()
+
+
+def test_an_unwritable_known_hosts_names_the_file(tmp_path: Path) -> None:
+    from mento_fab.nodes import HostKeyRefused
+
+    known = KnownHosts(tmp_path, system_files=())  # a directory: cannot append
+    with pytest.raises(HostKeyRefused, match=f"cannot record the host key of cn01 in {tmp_path}"):
+        known.add(["cn01"], paramiko.RSAKey.generate(1024))
+
+
+def test_describe_error_never_leaves_an_empty_reason() -> None:
+    from mento_fab.runner import describe_error
+
+    assert describe_error(EOFError()) == "connection closed by the node"
+    assert describe_error(KeyError()) == "KeyError"
 
 
 def test_map_nodes_with_nothing_to_do_returns_nothing() -> None:
