@@ -339,16 +339,18 @@ def map_nodes(
 
     def call(conn: fabric.Connection) -> None:
         node = connection_node(conn)
+        was_worker = getattr(_worker, "active", False)
         _worker.active = True
         try:
-            value: T | BaseException = func(conn)
-        except Exception as exc:
-            value = exc
+            try:
+                value: T | BaseException = func(conn)
+            except Exception as exc:
+                value = exc
+            outcome[node] = value
+            if on_done is not None:
+                on_done(node, value)
         finally:
-            _worker.active = False
-        outcome[node] = value
-        if on_done is not None:
-            on_done(node, value)
+            _worker.active = was_worker
 
     if len(conns) == 1 or fanout == 1:
         for conn in conns:
