@@ -17,11 +17,13 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from mento_fab.metadata import AsapoInfo, BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
+from mento_fab.names import BEAMLINE_RE, CONTROL_RE, HOSTNAME_RE, IDENTIFIER_RE, USERNAME_RE
 
 __all__ = ["directory", "lookup", "store"]
 
@@ -40,6 +42,15 @@ def directory() -> Path | None:
     return Path(base) / "mento_fab" / "metadata"
 
 
+def _trusted(where: Path) -> bool:
+    """Only a directory of ours that nobody else can write holds entries we believe."""
+    try:
+        info = where.stat()
+    except OSError:
+        return False
+    return info.st_uid == os.geteuid() and not info.st_mode & 0o022
+
+
 def _key(path: Path, raw: bytes) -> str:
     digest = hashlib.sha256()
     digest.update(_SCHEMAS.read_bytes())  # new rules, new keys
@@ -48,9 +59,36 @@ def _key(path: Path, raw: bytes) -> str:
     return digest.hexdigest()
 
 
+def _name(value: Any, rule: re.Pattern[str]) -> str:
+    """A cached name, held to the schema's rule again (the cache is not trusted blindly)."""
+    if not isinstance(value, str) or not rule.match(value):
+        raise ValueError("cached name breaks its rule")
+    return value
+
+
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or not os.path.isabs(value) or CONTROL_RE.search(value):
+        raise ValueError("cached path is not absolute")
+    return value
+
+
 def _rebuild(data: dict[str, Any]) -> BeamtimeMetadata:
     online = data.get("online")
     asapo = data.get("asapo")
+    if online is not None:
+        if not isinstance(online["nodes"], list) or not online["nodes"]:
+            raise ValueError("cached nodes are not a list")
+        for node in online["nodes"]:
+            _name(node, HOSTNAME_RE)
+        _name(online["ssh"]["user"], USERNAME_RE)
+        _path(online["ssh"]["key"])
+        _name(online["slurm"]["partition"], IDENTIFIER_RE)
+        _name(online["slurm"]["reservation"], IDENTIFIER_RE)
+    if asapo is not None:
+        _path(asapo["token_ro"])
+        _path(asapo["token_rw"])
+    _name(data["beamline"], BEAMLINE_RE)
+    _name(data["beamtime"], IDENTIFIER_RE)
     return BeamtimeMetadata(
         beamline=data["beamline"],
         beamtime=data["beamtime"],
@@ -71,13 +109,13 @@ def _rebuild(data: dict[str, Any]) -> BeamtimeMetadata:
 def lookup(path: Path, raw: bytes) -> tuple[BeamtimeMetadata, Files] | None:
     """The validated object for exactly these bytes at this place, if known."""
     where = directory()
-    if where is None:
+    if where is None or not _trusted(where):
         return None
     try:
         entry = json.loads((where / f"{_key(path, raw)}.json").read_text(encoding="utf-8"))
         files = [(str(key), str(file)) for key, file in entry["files"]]
         return _rebuild(entry["metadata"]), files
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,18 +35,11 @@ from mento_fab.metadata import (
     SlurmInfo,
     SSHInfo,
 )
+from mento_fab.names import BEAMLINE_RE, CONTROL_RE, HOSTNAME_RE, IDENTIFIER_RE, USERNAME_RE
 
 log = logging.getLogger(__name__)
 
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-#: RFC 1123 host name: nothing a shell, ssh (``-oX``, ``user@``) or a node set would interpret.
-HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
-#: Portable POSIX user name (no leading dash, at most 32 characters).
-USERNAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
-#: Ids, partitions, reservations: safe in paths, job names and command lines.
-IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}\Z")
-BEAMLINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = CONTROL_RE
 
 #: Keys of older files and the names they have now.
 LEGACY_KEYS = {

@@ -90,3 +90,22 @@ def test_a_corrupt_entry_is_a_miss_and_the_cache_can_be_off(session: Path, monke
     _no_marshmallow(monkeypatch)
     with pytest.raises(AssertionError, match="validated again"):
         parse_metadata_file(session)
+
+
+def test_a_tampered_entry_is_not_believed(session: Path) -> None:
+    parse_metadata_file(session)
+    (entry,) = metacache.directory().glob("*.json")
+    data = json.loads(entry.read_text())
+    data["metadata"]["online"]["nodes"] = "cn01"
+    data["metadata"]["online"]["ssh"]["user"] = "-oProxyCommand=x"
+    entry.write_text(json.dumps(data))
+    md = parse_metadata_file(session)  # validated again from the file itself
+    assert md.online.nodes == ["cn01", "cn02"] and md.online.ssh.user == "bt1"
+
+
+def test_a_cache_directory_others_can_write_is_ignored(session: Path, monkeypatch) -> None:
+    parse_metadata_file(session)
+    metacache.directory().chmod(0o777)
+    _no_marshmallow(monkeypatch)
+    with pytest.raises(AssertionError, match="validated again"):
+        parse_metadata_file(session)
