@@ -38,10 +38,18 @@ class NodeCheck:
     home_writable: bool | None = None
     blfs_mounted: bool | None = None
     error: str | None = None
+    seconds: float = 0.0
 
     @property
     def ready(self) -> bool:
         return self.login and bool(self.home_writable)
+
+    @property
+    def exit(self) -> int | None:
+        """The shared per-node contract: 0 ready, 1 reached but not ready, None never in."""
+        if not self.login:
+            return None
+        return 0 if self.ready else 1
 
     @property
     def warnings(self) -> list[str]:
@@ -70,13 +78,32 @@ class CheckReport:
         return 1
 
     def as_dict(self) -> dict[str, Any]:
+        """design.md's per-node JSON (node, exit, stdout, stderr, error, seconds) plus checks."""
+        nodes = [
+            {
+                **asdict(n),
+                "exit": n.exit,
+                "stdout": "",
+                "stderr": "",
+                "seconds": round(n.seconds, 4),
+                "warnings": n.warnings,
+            }
+            for n in self.nodes
+        ]
         return {
             "metadata_file": self.metadata_file,
             "key": self.key,
             "key_problem": self.key_problem,
             "blfs_mountpoint": self.blfs_mountpoint,
             "ready": self.ready,
-            "nodes": [{**asdict(n), "warnings": n.warnings} for n in self.nodes],
+            "nodes": nodes,
+            "summary": {
+                "nodes": len(self.nodes),
+                "ok": sum(n.ready for n in self.nodes),
+                "failed": sum(n.login and not n.ready for n in self.nodes),
+                "unreachable": sum(not n.login for n in self.nodes),
+                "exit_status": self.exit_status,
+            },
         }
 
 
@@ -101,6 +128,13 @@ def key_problem(path: str) -> str | None:
 
 
 def _check_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
+    started = time.monotonic()
+    check = _probe_node(conn, blfs)
+    check.seconds = time.monotonic() - started
+    return check
+
+
+def _probe_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
     check = NodeCheck(node=connection_node(conn))
     try:
         ensure_open(conn)

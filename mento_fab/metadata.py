@@ -149,7 +149,7 @@ def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMe
     path = Path(metadatafile_path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise FileNotFoundError(f"Metadata file not found: {path}") from None
     except IsADirectoryError:
         raise MetadataError(path, "is a directory, not a metadata file") from None

@@ -359,3 +359,22 @@ def test_an_explicit_root_dir_beats_mento_metadata_from_the_environment(
         capture_output=True, text=True, env=env, check=False,
     )  # fmt: skip
     assert json.loads(plain.stdout)["beamtime"] == "11000001"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run-on-nodes"],  # missing positional
+        ["run-on-nodes", "--fanout"],  # flag without its value
+        ["nosuchtask"],
+        ["info", "--bogus"],
+        ["info", "--metadata", "/etc/passwd/x"],  # a path through a file
+    ],
+)
+def test_command_line_mistakes_are_bad_input(argv: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "mento_fab", *argv], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("mento-fab: ") and proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr

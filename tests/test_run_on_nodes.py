@@ -350,6 +350,12 @@ def test_cli_check(lab, cli_env, known_hosts, lab_session) -> None:
         key.chmod(0o600)
     data = json.loads(loose.stdout)
     assert loose.returncode == 1
+    for node in data["nodes"]:  # design.md's per-node keys, plus the checks
+        assert {"node", "exit", "stdout", "stderr", "error", "seconds"} <= set(node)
+        assert node["exit"] == 0
+    assert data["summary"] == {
+        "nodes": 4, "ok": 4, "failed": 0, "unreachable": 0, "exit_status": 1,
+    }  # fmt: skip
     assert data["ready"] is False and "chmod 600" in data["key_problem"]
     assert all(n["login"] and n["home_writable"] for n in data["nodes"])
     lab.stop_sshd("cn02")
@@ -368,6 +374,7 @@ def test_cli_check(lab, cli_env, known_hosts, lab_session) -> None:
     assert down.returncode == 255
     node = {n["node"]: n for n in json.loads(down.stdout)["nodes"]}["cn02"]
     assert node["reachable"] is False and "refused" in node["error"]
+    assert node["exit"] is None
 
 
 def test_cli_timeout_option(cli_env, known_hosts) -> None:

@@ -185,9 +185,12 @@ def friendly(func: F) -> F:
 
         try:
             return func(*args, **kwargs)
-        except (MetadataError, SelectionError, FileNotFoundError, RuntimeError, ValueError) as exc:
-            raise Exit(f"mento-fab: {exc}", code=BAD_INPUT) from None
-        except PermissionError as exc:
+        except BrokenPipeError:  # `mento-fab ... | head`: stop quietly, like other tools
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+            raise Exit(code=141) from None
+        except (MetadataError, SelectionError, RuntimeError, ValueError, OSError) as exc:
+            # OSError: missing, unreadable or misplaced files named on the command line.
             raise Exit(f"mento-fab: {exc}", code=BAD_INPUT) from None
         except GroupException as exc:
             failed = sorted(
@@ -196,10 +199,6 @@ def friendly(func: F) -> F:
                 if isinstance(result, BaseException)
             )
             raise Exit("mento-fab: " + "; ".join(failed), code=255) from None
-        except BrokenPipeError:  # `mento-fab ... | head`: stop quietly, like other tools
-            devnull = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(devnull, sys.stdout.fileno())
-            raise Exit(code=141) from None
         except KeyboardInterrupt:
             raise Exit("mento-fab: interrupted", code=130) from None
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from mento_fab import report as reporting
-from mento_fab.runner import NodeResult, RunReport
+from mento_fab.runner import RunReport
 from mento_fab.tasks._common import is_tty
 
 #: Seconds before a progress bar appears; quick runs never flash one.
@@ -115,10 +115,6 @@ class Progress:
             if self._bar is not None:
                 self._bar.stop()
                 self._bar = None
-
-
-def result_callback(progress: Progress) -> Callable[[NodeResult], None]:
-    return progress.advance
 
 
 def print_table(title: str, columns: list[str], rows: list[list[str]]) -> None:

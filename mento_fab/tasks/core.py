@@ -118,7 +118,8 @@ def check(
         "command": "the shell command to run on every node",
         "stream": "print lines live, prefixed by node, instead of gathered output",
         "timeout": "seconds after which the command is killed on the node",
-        "env": "NAME=VALUE set for the command (repeatable)",
+        "env": "NAME=VALUE for the command (repeatable); shows in the node's process list, "
+        "so pass a token's file path, never the token",
         "via": "ssh (default) or slurm (one srun in the reservation)",
         "submit_node": "with --via slurm: node to run srun on (default: first reachable)",
     },
