@@ -41,7 +41,7 @@ from typing import Any
 import fabric
 
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import load_metadata, nodes_group
+from mento_fab.nodes import SelectionError, load_metadata, nodes_group
 from mento_fab.runner import NodeResult, describe_error, ensure_open, execute
 from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
 
@@ -51,6 +51,9 @@ log = logging.getLogger(__name__)
 
 #: Background calls that may wait for the worker before new ones are refused.
 DEFAULT_MAX_PENDING = 1000
+#: Seconds the interpreter's exit waits for background triggers, over all Triggers:
+#: an acquisition script must always be able to exit; what is left is logged.
+EXIT_DRAIN_TIMEOUT = 30.0
 
 
 @unique
@@ -156,9 +159,21 @@ _live: weakref.WeakSet[Trigger] = weakref.WeakSet()
 
 @atexit.register
 def _drain_at_exit() -> None:
-    """Let queued background triggers finish when the acquisition script ends."""
+    """Let queued background triggers finish when the script ends, for at most
+    :data:`EXIT_DRAIN_TIMEOUT` seconds in all (close() logs what it abandons)."""
+    deadline = time.monotonic() + EXIT_DRAIN_TIMEOUT
     for trig in list(_live):
-        trig.close(wait=True)
+        trig.close(wait=True, timeout=max(0.0, deadline - time.monotonic()))
+
+
+def retry_allowed(sent: bool, attempt: int) -> bool:
+    """Whether a failed remote call may be made again on a fresh connection.
+
+    Only when the exec request was provably never sent (the failure came while
+    opening the connection or a session), and only once: after ``exec_command``
+    the node may have run it (an sbatch would then submit twice).
+    """
+    return not sent and attempt == 1
 
 
 class Trigger:
@@ -207,7 +222,11 @@ class Trigger:
             "connect_timeout": connect_timeout,
         }
         self._connections: dict[str, fabric.Connection] = {}
+        #: Guards the dicts only; connecting happens under the node's own lock, so a
+        #: dead node never holds up triggers to the others, or close().
         self._lock = threading.Lock()
+        self._node_locks: dict[str, threading.Lock] = {}
+        self._running: dict[int, TriggerHandle] = {}  # by id(): handles are unhashable
         #: How many times a connection was opened, per node (1 while it never dropped).
         self.connects: dict[str, int] = {}
         self._queue: queue.Queue[tuple[TriggerHandle, Callable[[], None]] | None] = queue.Queue(
@@ -255,7 +274,7 @@ class Trigger:
             handle = TriggerHandle(method, shlex.join(argv), None, background)
             work: Callable[[], None] = lambda: self._run_local(handle, argv, timeout)  # noqa: E731
         else:
-            node = destination or str(self.bt_info.online.nodes[0])  # type: ignore[union-attr]
+            node = self._destination(destination)
             if method is TriggerMethod.REMOTE_SBATCH_SCRIPT:
                 argv = sbatch_argv(
                     self.bt_info, argv[0], argv[1:], job_name=job_name,
@@ -275,28 +294,58 @@ class Trigger:
 
     def connection(self, destination: str | None = None) -> fabric.Connection:
         """The open Connection to ``destination`` (default: the first reserved node)."""
-        node = destination or str(self.bt_info.online.nodes[0])  # type: ignore[union-attr]
-        return self._connection(node)
+        return self._connection(self._destination(destination))[0]
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
-        """Stop taking calls, let queued ones finish (``wait``) and close the connections."""
+        """Stop taking calls, let queued ones finish (``wait``, for at most ``timeout``
+        seconds) and close the connections. Queued calls still waiting then end
+        on their handles as not run; both they and calls still running are logged."""
         self._closed = True
+        deadline = None if timeout is None else time.monotonic() + timeout
         for _ in self._workers:  # after what is queued: queued calls still run
-            if wait:
-                self._queue.put(None)
-            else:
-                with contextlib.suppress(queue.Full):
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            with contextlib.suppress(queue.Full):
+                if wait and left != 0.0:
+                    self._queue.put(None, timeout=left)
+                else:
                     self._queue.put_nowait(None)
         if wait:
-            deadline = None if timeout is None else time.monotonic() + timeout
             for worker in self._workers:
                 left = None if deadline is None else max(0.0, deadline - time.monotonic())
                 worker.join(left)
+            if any(w.is_alive() for w in self._workers):
+                self._abandon(timeout)
         with self._lock:
-            for conn in self._connections.values():
-                conn.close()
+            conns = list(self._connections.values())
             self._connections.clear()
+        for conn in conns:
+            conn.close()
         _live.discard(self)
+
+    def _abandon(self, timeout: float | None) -> None:
+        """End the handles still queued as not run; log them and the ones still running."""
+        dropped: list[TriggerHandle] = []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                item = self._queue.get_nowait()
+                if item is not None:
+                    dropped.append(item[0])
+        for _ in self._workers:  # the stop markers went with the queue: put them back
+            with contextlib.suppress(queue.Full):
+                self._queue.put_nowait(None)
+        for handle in dropped:
+            handle.error = f"not run: abandoned when the Trigger closed after {timeout:g} s"
+            handle._done.set()
+        with self._lock:
+            running = [h.command for h in self._running.values()]
+        log.warning(
+            "trigger closed after %g s: %d queued call(s) not run%s, %d still running%s",
+            timeout or 0.0,
+            len(dropped),
+            f" ({'; '.join(h.command for h in dropped[:5])})" if dropped else "",
+            len(running),
+            f" ({'; '.join(running[:5])})" if running else "",
+        )
 
     def __enter__(self) -> Trigger:
         return self
@@ -305,49 +354,70 @@ class Trigger:
         self.close()
 
     # --------------------------------------------------------------- internals
-    def _connection(self, node: str) -> fabric.Connection:
+    def _destination(self, destination: str | None) -> str:
+        """The node to use; one outside the reservation is the caller's error, raised now."""
+        reserved = [str(n) for n in self.bt_info.online.nodes]  # type: ignore[union-attr]
+        node = destination or reserved[0]
+        if node not in reserved:
+            raise SelectionError(f"destination {node} is not one of the reserved nodes")
+        return node
+
+    def _connection(self, node: str) -> tuple[fabric.Connection, bool]:
+        """The node's open Connection, and whether this call opened it."""
         with self._lock:
-            conn = self._connections.get(node)
-            if conn is None:
-                (conn,) = nodes_group(self.bt_info, nodes=node, **self._group_options)
-                self._connections[node] = conn
-            if not conn.is_connected:
-                ensure_open(conn)
+            node_lock = self._node_locks.setdefault(node, threading.Lock())
+        with node_lock:  # one connect per node at a time; other nodes go on
+            with self._lock:
+                conn = self._connections.get(node)
+                if conn is None:
+                    (conn,) = nodes_group(self.bt_info, nodes=node, **self._group_options)
+                    self._connections[node] = conn
+            if conn.is_connected:
+                return conn, False
+            ensure_open(conn)
+            with self._lock:
+                if self._connections.get(node) is not conn:  # close() ran meanwhile
+                    conn.close()
+                    raise RuntimeError("this Trigger is closed")
                 self.connects[node] = self.connects.get(node, 0) + 1
-                if self.connects[node] > 1:
-                    log.info("reconnected to %s", node)
-            return conn
+                again = self.connects[node] > 1
+            if again:
+                log.info("reconnected to %s", node)
+            return conn, True
 
     def _execute(self, node: str, line: str, timeout: float | None) -> NodeResult:
-        """One command over the node's connection, reconnecting once if it proved dead."""
-        try:
-            conn = self._connection(node)
-        except Exception as exc:
-            return NodeResult(node=node, error=describe_error(exc))
-        result = execute(conn, line, timeout=timeout)
-        if self._never_ran(conn, result):
-            log.info("connection to %s was dead (%s); reconnecting", node, result.error)
-            try:
-                conn = self._connection(node)
-            except Exception as exc:
-                result.error = describe_error(exc)
-                return result
-            result = execute(conn, line, timeout=timeout)
-        return result
+        """One command over the node's connection.
 
-    @staticmethod
-    def _never_ran(conn: fabric.Connection, result: NodeResult) -> bool:
-        """True when a stale connection failed before the command could have started."""
-        error = result.error or ""
-        return (
-            result.exit is None
-            and bool(error)
-            and not conn.is_connected
-            and not result.stdout
-            and not result.stderr
-            and not error.startswith("timed out")
-            and "before the command reported" not in error
-        )
+        A connection that was already open is first proved alive by opening and
+        closing a session: if that fails, nothing was sent, so it is re-opened once
+        (:func:`retry_allowed`). Once the exec request is sent there is no retry.
+        """
+        connect_timeout = self._group_options["connect_timeout"]
+        for attempt in (1, 2):
+            try:
+                conn, fresh = self._connection(node)
+            except Exception as exc:  # a failed connect is not retried: it already waited
+                return NodeResult(node=node, error=describe_error(exc, connect_timeout))
+            if fresh:
+                break
+            try:
+                ensure_open(conn).open_session(timeout=conn.connect_timeout).close()
+                break
+            except Exception as exc:
+                error = describe_error(exc, connect_timeout)
+                if not retry_allowed(sent=False, attempt=attempt):
+                    return NodeResult(node=node, error=error)
+                log.info("connection to %s was dead (%s); reconnecting", node, error)
+                with contextlib.suppress(Exception):
+                    self._drop(node)
+        return execute(conn, line, timeout=timeout)  # sent: never retried (retry_allowed)
+
+    def _drop(self, node: str) -> None:
+        """Close a node's connection that proved dead, so the next use re-opens it."""
+        with self._lock:
+            conn = self._connections.get(node)
+        if conn is not None:
+            conn.close()
 
     def _run_remote(self, handle: TriggerHandle, node: str, timeout: float | None) -> None:
         result = self._execute(node, handle.command, timeout)
@@ -355,7 +425,7 @@ class Trigger:
         if handle.method is TriggerMethod.REMOTE_SBATCH_SCRIPT and result.ok:
             try:
                 handle.job_id = parse_job_id(result.stdout)
-                handle.job = Job(handle.job_id, Slurm(self._connections[node], self.bt_info))
+                handle.job = Job(handle.job_id, Slurm(self._connection(node)[0], self.bt_info))
             except Exception as exc:
                 handle.error = str(exc)
         elif handle.method is TriggerMethod.REMOTE_SBATCH_SCRIPT and result.exit:
@@ -384,11 +454,16 @@ class Trigger:
 
     def _call(self, handle: TriggerHandle, work: Callable[[], None]) -> None:
         """Run one call to its end; nothing escapes, everything lands on the handle."""
+        with self._lock:
+            self._running[id(handle)] = handle
         try:
             work()
         except Exception as exc:  # a bug or an odd failure must still end on the handle
             log.exception("trigger failed unexpectedly: %s", handle.command)
             handle.error = handle.error or f"{type(exc).__name__}: {exc}"
+        finally:
+            with self._lock:
+                self._running.pop(id(handle), None)
         handle._done.set()
         if not handle.ok:
             level = logging.ERROR if handle.background else logging.WARNING

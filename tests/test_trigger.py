@@ -82,6 +82,128 @@ def test_a_full_queue_fails_the_handle_instead_of_blocking(beamtime, tmp_path, c
     assert sum(h.ok for h in handles) == len(handles) - len(dropped)
 
 
+def test_a_destination_outside_the_reservation_raises_at_once(beamtime) -> None:
+    trig = Trigger(TriggerMethod.REMOTE_COMMAND, beamtime.root)
+    try:
+        for background in (False, True):
+            with pytest.raises(ValueError, match="cn77 is not one of the reserved nodes"):
+                trig.run(["true"], destination="cn77", background=background)
+        with pytest.raises(ValueError, match="cn77"):
+            trig.connection("cn77")
+        assert trig.pending() == 0
+    finally:
+        trig.close()
+
+
+class _FakeTransport:
+    def __init__(self, conn: _FakeConn) -> None:
+        self.conn = conn
+
+    def open_session(self, timeout: float | None = None) -> _FakeTransport:
+        if self.conn.stale:  # the node dropped us; we only learn it on the next request
+            self.conn.stale = False
+            self.conn.is_connected = False
+            raise EOFError
+        return self
+
+    def close(self) -> None:
+        pass
+
+
+class _FakeConn:
+    connect_timeout = 1.0
+
+    def __init__(self) -> None:
+        self.is_connected = False
+        self.stale = False
+
+    def close(self) -> None:
+        self.is_connected = False
+
+
+@pytest.fixture
+def fake_node(beamtime, monkeypatch):
+    """A Trigger whose one connection and ``execute`` are fakes: counts what was sent."""
+    import mento_fab.trigger as trigger_module
+    from mento_fab.runner import NodeResult
+
+    conn = _FakeConn()
+    sent: list[str] = []
+
+    def ensure_open(c: _FakeConn) -> _FakeTransport:
+        c.is_connected = True
+        return _FakeTransport(c)
+
+    def execute(c: _FakeConn, line: str, timeout: float | None = None) -> NodeResult:
+        sent.append(line)
+        if c.stale:  # the transport dies after the exec request went out
+            c.is_connected = False
+            return NodeResult(node="cn", error="ssh error: Channel closed.")
+        return NodeResult(node="cn", exit=0, stdout="123\n")
+
+    monkeypatch.setattr(trigger_module, "nodes_group", lambda *a, **k: [conn])
+    monkeypatch.setattr(trigger_module, "ensure_open", ensure_open)
+    monkeypatch.setattr(trigger_module, "execute", execute)
+    trig = Trigger(TriggerMethod.REMOTE_SBATCH_SCRIPT, beamtime.root)
+    yield trig, conn, sent
+    trig.close()
+
+
+def test_a_command_whose_exec_request_was_sent_is_never_sent_again(fake_node) -> None:
+    trig, conn, sent = fake_node
+    assert trig.run(["/x/job.sh"]).job_id == "123"
+    sent.clear()
+    real_open_session = _FakeTransport.open_session
+    _FakeTransport.open_session = lambda self, timeout=None: self  # probe passes ...
+    try:
+        conn.stale = True  # ... then the transport dies while the exec request is out
+        handle = trig.run(["/x/job.sh"])
+    finally:
+        _FakeTransport.open_session = real_open_session
+    assert len(sent) == 1, sent  # an sbatch must not be submitted twice
+    assert handle.exit_status is None and "Channel closed" in handle.error
+
+
+def test_a_connection_found_dead_before_sending_is_reopened_once(fake_node) -> None:
+    trig, conn, sent = fake_node
+    trig.run(["/x/job.sh"])
+    sent.clear()
+    conn.stale = True  # dropped while idle: the session probe fails, nothing sent yet
+    handle = trig.run(["/x/job.sh"])
+    assert len(sent) == 1 and handle.ok and handle.job_id == "123"
+    assert trig.connects == {str(trig.bt_info.online.nodes[0]): 2}
+
+
+def test_retry_only_before_the_exec_request_and_only_once() -> None:
+    from mento_fab.trigger import retry_allowed
+
+    assert retry_allowed(sent=False, attempt=1)
+    assert not retry_allowed(sent=True, attempt=1)
+    assert not retry_allowed(sent=False, attempt=2)
+
+
+def test_exit_drain_is_bounded_and_logs_what_it_abandons(
+    beamtime, tmp_path, monkeypatch, caplog
+) -> None:
+    import mento_fab.trigger as trigger_module
+
+    script = tmp_path / "slow.sh"
+    script.write_text("#!/bin/sh\nsleep 2\n")
+    script.chmod(0o755)
+    trig = Trigger(TriggerMethod.LOCAL_BASH_SCRIPT, beamtime.root)
+    handles = [trig.run([str(script)], background=True) for _ in range(4)]
+    monkeypatch.setattr(trigger_module, "EXIT_DRAIN_TIMEOUT", 0.5)
+    with caplog.at_level(logging.WARNING, logger="mento_fab.trigger"):
+        start = time.monotonic()
+        trigger_module._drain_at_exit()
+        assert time.monotonic() - start < 1.5
+    assert any("not run" in r.getMessage() and "still running" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
+    abandoned = [h for h in handles if h.done() and h.error and "abandoned" in h.error]
+    assert len(abandoned) == 3  # the queued ones end on their handles; one was running
+    handles[0].wait(WAIT)
+
+
 # ------------------------------------------------------------------ the lab
 @pytest.fixture
 def remote(slurm_lab, slurm_session: Path) -> Iterator[Trigger]:
@@ -188,3 +310,55 @@ def test_sbatch_trigger_returns_the_job(slurm_lab, slurm_session, tmp_path) -> N
         trig.close()
         script.unlink(missing_ok=True)
         log_file.unlink(missing_ok=True)
+
+
+SILENT_LISTENER = """
+import socket, time
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 22))
+s.listen(8)
+print("ready", flush=True)
+held = []
+while True:
+    held.append(s.accept()[0])  # accepts, never says a word (no SSH banner)
+"""
+
+
+def test_a_node_that_hangs_on_connect_does_not_block_the_others(slurm_lab, tmp_path) -> None:
+    import subprocess
+    import sys
+
+    md = slurm_lab.make_session(tmp_path, slurm_lab.nodes[:3])
+    trig = Trigger(
+        TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=slurm_lab.ssh_config,
+        connect_timeout=6,
+    )  # fmt: skip
+    slurm_lab.stop_sshd("cn02")
+    listener = subprocess.Popen(
+        ["ip", "netns", "exec", slurm_lab.netns("cn02"), sys.executable, "-c", SILENT_LISTENER],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    dead: list = []
+    try:
+        assert listener.stdout.readline().strip() == "ready"
+        stuck = threading.Thread(
+            target=lambda: dead.append(trig.run(["true"], destination="cn02")), daemon=True
+        )
+        stuck.start()
+        time.sleep(0.5)  # cn02 is now waiting for a banner that never comes
+        start = time.monotonic()
+        handle = trig.run(["hostname"], destination="cn03")
+        took = time.monotonic() - start
+        assert handle.ok and handle.stdout == "cn03\n"
+        assert took < 3 and stuck.is_alive(), took
+        start = time.monotonic()
+        trig.close()
+        assert time.monotonic() - start < 3
+        stuck.join(WAIT)
+        assert dead and dead[0].exit_status is None and dead[0].error
+    finally:
+        listener.kill()
+        listener.wait()
+        slurm_lab.start_sshd("cn02")
+        trig.close()
