@@ -38,6 +38,7 @@ __all__ = [
     "describe_error",
     "execute",
     "map_nodes",
+    "open_channel",
     "run",
     "run_on_nodes",
 ]
@@ -242,6 +243,14 @@ def ensure_open(conn: fabric.Connection) -> paramiko.Transport:
     return transport
 
 
+def open_channel(conn: fabric.Connection) -> paramiko.Channel:
+    """A new session channel on the Connection (opened or re-opened as needed).
+
+    Nothing has reached the node's shell yet when this returns or raises.
+    """
+    return ensure_open(conn).open_session(timeout=conn.connect_timeout)
+
+
 def execute(
     conn: fabric.Connection,
     command: str,
@@ -249,8 +258,14 @@ def execute(
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,
+    channel: paramiko.Channel | None = None,
 ) -> NodeResult:
-    """Run ``command`` on one Connection; every failure ends up in the result."""
+    """Run ``command`` on one Connection; every failure ends up in the result.
+
+    ``channel``, from :func:`open_channel`, lets a caller that must know whether
+    anything reached the node (a retry must never run a command twice) open the
+    session itself; ``execute`` takes it over and closes it.
+    """
     node = connection_node(conn)
     start = time.monotonic()
     result = NodeResult(node=node)
@@ -260,11 +275,11 @@ def execute(
         if on_line
         else None
     )
-    channel: paramiko.Channel | None = None
     try:
         line = _remote_command(command, env, timeout)
-        transport = ensure_open(conn)
-        channel = transport.open_session(timeout=conn.connect_timeout)
+        if channel is None:
+            channel = open_channel(conn)
+        transport = channel.get_transport()
         channel.exec_command(line)
         channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
         deadline = None if timeout is None else time.monotonic() + timeout + KILL_GRACE

@@ -42,7 +42,7 @@ import fabric
 
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import SelectionError, load_metadata, nodes_group
-from mento_fab.runner import NodeResult, describe_error, ensure_open, execute
+from mento_fab.runner import NodeResult, describe_error, ensure_open, execute, open_channel
 from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
 
 __all__ = ["Trigger", "TriggerError", "TriggerHandle", "TriggerMethod"]
@@ -388,8 +388,8 @@ class Trigger:
     def _execute(self, node: str, line: str, timeout: float | None) -> NodeResult:
         """One command over the node's connection.
 
-        A connection that was already open is first proved alive by opening and
-        closing a session: if that fails, nothing was sent, so it is re-opened once
+        The session channel is opened first: if that fails on a connection that
+        was already open, nothing was sent, so the connection is re-opened once
         (:func:`retry_allowed`). Once the exec request is sent there is no retry.
         """
         connect_timeout = self._group_options["connect_timeout"]
@@ -398,19 +398,18 @@ class Trigger:
                 conn, fresh = self._connection(node)
             except Exception as exc:  # a failed connect is not retried: it already waited
                 return NodeResult(node=node, error=describe_error(exc, connect_timeout))
-            if fresh:
-                break
             try:
-                ensure_open(conn).open_session(timeout=conn.connect_timeout).close()
+                channel = open_channel(conn)
                 break
             except Exception as exc:
                 error = describe_error(exc, connect_timeout)
-                if not retry_allowed(sent=False, attempt=attempt):
+                if fresh or not retry_allowed(sent=False, attempt=attempt):
                     return NodeResult(node=node, error=error)
                 log.info("connection to %s was dead (%s); reconnecting", node, error)
                 with contextlib.suppress(Exception):
                     self._drop(node)
-        return execute(conn, line, timeout=timeout)  # sent: never retried (retry_allowed)
+        # sent from here on: never retried (retry_allowed)
+        return execute(conn, line, timeout=timeout, channel=channel)
 
     def _drop(self, node: str) -> None:
         """Close a node's connection that proved dead, so the next use re-opens it."""

@@ -134,7 +134,12 @@ def fake_node(beamtime, monkeypatch):
         c.is_connected = True
         return _FakeTransport(c)
 
-    def execute(c: _FakeConn, line: str, timeout: float | None = None) -> NodeResult:
+    def open_channel(c: _FakeConn) -> _FakeTransport:
+        return ensure_open(c).open_session()
+
+    def execute(
+        c: _FakeConn, line: str, timeout: float | None = None, channel: object = None
+    ) -> NodeResult:
         sent.append(line)
         if c.stale:  # the transport dies after the exec request went out
             c.is_connected = False
@@ -143,6 +148,7 @@ def fake_node(beamtime, monkeypatch):
 
     monkeypatch.setattr(trigger_module, "nodes_group", lambda *a, **k: [conn])
     monkeypatch.setattr(trigger_module, "ensure_open", ensure_open)
+    monkeypatch.setattr(trigger_module, "open_channel", open_channel)
     monkeypatch.setattr(trigger_module, "execute", execute)
     trig = Trigger(TriggerMethod.REMOTE_SBATCH_SCRIPT, beamtime.root)
     yield trig, conn, sent
@@ -154,7 +160,7 @@ def test_a_command_whose_exec_request_was_sent_is_never_sent_again(fake_node) ->
     assert trig.run(["/x/job.sh"]).job_id == "123"
     sent.clear()
     real_open_session = _FakeTransport.open_session
-    _FakeTransport.open_session = lambda self, timeout=None: self  # probe passes ...
+    _FakeTransport.open_session = lambda self, timeout=None: self  # session opens ...
     try:
         conn.stale = True  # ... then the transport dies while the exec request is out
         handle = trig.run(["/x/job.sh"])
@@ -168,7 +174,7 @@ def test_a_connection_found_dead_before_sending_is_reopened_once(fake_node) -> N
     trig, conn, sent = fake_node
     trig.run(["/x/job.sh"])
     sent.clear()
-    conn.stale = True  # dropped while idle: the session probe fails, nothing sent yet
+    conn.stale = True  # dropped while idle: opening the session fails, nothing sent yet
     handle = trig.run(["/x/job.sh"])
     assert len(sent) == 1 and handle.ok and handle.job_id == "123"
     assert trig.connects == {str(trig.bt_info.online.nodes[0]): 2}
