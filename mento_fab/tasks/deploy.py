@@ -82,7 +82,8 @@ def _render(report: Any, json: bool) -> None:
                 f"{result.seconds:.2f} s",
                 note,
             ])  # fmt: skip
-        title = f"{report.action} {report.release or ''} -> {report.target}: {report.outcome}"
+        shown = "" if report.outcome == "unchanged" else f" {report.release or ''}"
+        title = f"{report.action}{shown} -> {report.target}: {report.outcome}"
         console.print_table(title, ["node", "state", "sent", "reused", "time", "notes"], rows)
         for nodes in report.shared:
             print(f"shared target: {', '.join(nodes)} see one directory (staged once)")
@@ -148,7 +149,13 @@ def deploy(
             )
     if not json and not report.run.failed and not report.run.unreachable:
         files = len(release.files)
-        print(f"release {release.name}: {files} files, {_size(release.size)} from {release.source}")
+        # An unchanged tree is not a new release: name its content, not a new name.
+        what = (
+            f"content {release.content_hash[:16]}"
+            if report.outcome == "unchanged"
+            else f"release {release.name}"
+        )
+        print(f"{what}: {files} files, {_size(release.size)} from {release.source}")
     _render(report, json)
 
 
