@@ -491,3 +491,20 @@ def test_published_system_known_hosts_satisfy_strict(lab, lab_session, tmp_path)
     )  # fmt: skip
     assert report.ok, report.results
     assert not (tmp_path / "empty_known_hosts").exists()
+
+
+def test_a_key_the_account_does_not_accept_is_an_auth_failure(lab, tmp_path, known_hosts) -> None:
+    # "daemon" exists on the nodes but has no authorized_keys: the key is refused.
+    path = lab.make_session(tmp_path, lab.nodes[:2], onlineAnalysis={"userAccount": "daemon"})
+    report = run_on_nodes("true", metadata=path, ssh_config=lab.ssh_config, known_hosts=known_hosts)
+    assert [r.error for r in report.results] == [
+        "authentication failed (key not accepted for this account)"
+    ] * 2
+    assert report.exit_status == 255
+    proc = mento(
+        "check", "--json", "--metadata", str(path), "--ssh-config", str(lab.ssh_config),
+        "--known-hosts", str(known_hosts),
+    )  # fmt: skip
+    nodes = json.loads(proc.stdout)["nodes"]
+    assert proc.returncode == 255
+    assert all(n["reachable"] and not n["login"] for n in nodes)
