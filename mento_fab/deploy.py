@@ -419,17 +419,26 @@ def refuse_secrets(release: Release, md: BeamtimeMetadata) -> None:
     """
     secret = _secret_files(md)
     digests: dict[str, str] = {}
+    sizes: set[int] | None = set()  # None: some secret unreadable, compare every path
     for path, what in secret.items():
         try:
             digest, size = _file_digest(path)
         except OSError:
-            continue  # unreadable here: the path comparison still applies
+            sizes = None  # unreadable here: the path comparison still applies
+            continue
+        if sizes is not None:
+            sizes.add(size)
         if size:  # an empty token would match every empty file
             digests.setdefault(digest, f"{what} ({path})")
     for entry in release.files:
         if entry.source is None:
             continue
-        real = os.path.realpath(entry.source)
+        # The secret itself has the secret's size: resolve only those paths
+        # (realpath of every file of a large tree costs more than its hashing).
+        if sizes is not None and entry.size not in sizes:
+            real = None
+        else:
+            real = os.path.realpath(entry.source)
         if real in secret:
             raise UnsafeSourceError(
                 f"{entry.source}: refusing to ship {secret[real]}; exclude it or deploy "
