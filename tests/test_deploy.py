@@ -435,21 +435,35 @@ def test_generated_commands_quote_hostile_names(tmp_path: Path, evil: str) -> No
     staged = work / target / "releases" / name
     assert (staged / ".mento" / "ready").exists() and (staged / "analysis.py").is_file()
 
-    # a delta on top of it: hard links from the base listed in the .reuse file
+    # a delta on top of it: a hard-linked copy of the base minus the .drop list
     (tmp_path / "p" / "analysis.py").write_text("VERSION = 2\n")
+    (tmp_path / "p" / "data" / "f03.txt").unlink()
+    (tmp_path / "p" / "run.sh").chmod(0o700)  # same content, new mode
     built2 = dp.build_release(tmp_path / "p")
     second = dp.Release(built2.source, built2.entries, built2.content_hash, f"20250102T0Z-{evil}")
-    data2, reused = second.archive(json.loads(release.manifest())["entries"])
+    base_entries = json.loads(release.manifest())["entries"]
+    data2, _ = second.archive(base_entries)
     releases_dir = work / target / "releases"
     (releases_dir / f".{second.name}.tar").write_bytes(data2)
-    (releases_dir / f".{second.name}.reuse").write_bytes(b"\0".join(p.encode() for p in reused))
+    drop = second.dropped(base_entries)
+    assert sorted(drop) == sorted(["analysis.py", "data/f03.txt", "run.sh", "alias.py"])
+    (releases_dir / f".{second.name}.drop").write_bytes(b"\0".join(p.encode() for p in drop))
     stage2 = dp._stage_command(
         target, second, hashlib.sha256(data2).hexdigest(), name, False, ["--x", evil]
     )
     proc = _sh(stage2, work)
     assert proc.returncode == 0, proc.stderr
-    assert (releases_dir / second.name / "analysis.py").read_text() == "VERSION = 2\n"
-    assert (releases_dir / second.name / "pkg" / "lib.py").stat().st_nlink == 2
+    new = releases_dir / second.name
+    assert (new / "analysis.py").read_text() == "VERSION = 2\n"
+    assert (staged / "analysis.py").read_text() == "VERSION = 1\n"  # base untouched
+    assert (new / "pkg" / "lib.py").stat().st_nlink == 2
+    assert not (new / "data" / "f03.txt").exists() and (staged / "data" / "f03.txt").exists()
+    assert (new / "run.sh").stat().st_mode & 0o777 == 0o700
+    assert (staged / "run.sh").stat().st_mode & 0o777 == 0o755
+    assert os.readlink(new / "alias.py") == "analysis.py"
+    manifest = json.loads((new / ".mento" / "manifest.json").read_text())
+    assert manifest["hash"] == second.content_hash
+    assert not (new / ".mento" / "ready").stat().st_nlink > 1  # written anew, not linked
 
     proc = _sh(dp._switch_command(target, f"releases/{second.name}", ".current-t"), work)
     assert proc.returncode == 0, proc.stderr
