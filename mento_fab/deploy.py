@@ -34,6 +34,7 @@ import secrets
 import shlex
 import stat
 import tarfile
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -280,6 +281,62 @@ def _file_digest(path: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
+#: A file whose mtime or ctime is this recent may still change within the same
+#: clock tick: its digest is used but not remembered (git's "racy" rule).
+RACY_NS = 2_000_000_000
+
+
+class _DigestCache:
+    """Digests of unchanged source files, so a redeploy hashes only what changed.
+
+    Like rsync's quick check, but also keyed by ctime (which no tool can set back)
+    and the inode: same (size, mtime, ctime, inode) means same content. Stored per
+    source tree under ``$XDG_CACHE_HOME/mento_fab/digests`` (paths and digests
+    only), believed only in a directory of ours that nobody else can write;
+    ``MENTO_DIGEST_CACHE=0`` turns it off.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.file: Path | None = None
+        self.known: dict[str, list[Any]] = {}
+        self.seen: dict[str, list[Any]] = {}
+        if os.environ.get("MENTO_DIGEST_CACHE", "1") in ("0", "", "off", "no"):
+            return
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        name = hashlib.sha256(os.fsencode(root)).hexdigest()[:32]
+        self.file = Path(base) / "mento_fab" / "digests" / f"{name}.json"
+        try:
+            info = self.file.parent.stat()
+            if info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+                known = json.loads(self.file.read_text(encoding="utf-8"))
+                self.known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            self.known = {}
+
+    def digest(self, rel: str, full: str, st: os.stat_result) -> tuple[str, int]:
+        key = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+        old = self.known.get(rel)
+        if isinstance(old, list) and len(old) == 5 and old[:4] == key and isinstance(old[4], str):
+            digest, size = old[4], st.st_size
+        else:
+            digest, size = _file_digest(full)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > RACY_NS and size == st.st_size:
+            self.seen[rel] = [*key, digest]
+        return digest, size
+
+    def save(self) -> None:
+        if self.file is None or self.seen == self.known:
+            return
+        try:
+            self.file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.file.parent, prefix=".digests-")
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                json.dump(self.seen, handle)
+            os.replace(tmp, self.file)
+        except OSError as exc:
+            log.debug("digest cache not saved: %s", exc)
+
+
 def _link_target(root: Path, path: Path, rel: str) -> str:
     """The symlink's target if it stays inside the tree (absolute ones made relative)."""
     target = os.readlink(path)
@@ -314,6 +371,7 @@ def build_release(
         raise DeployError(f"source is not a directory: {root}")
     root = root.resolve()
     spec = _ignore_spec(root, excludes)
+    digests = _DigestCache(root)
     entries: list[Entry] = []
     for dirpath, dirnames, filenames in os.walk(root):
         rel_dir = os.path.relpath(dirpath, root)
@@ -343,10 +401,11 @@ def build_release(
             if stat.S_ISLNK(st.st_mode):
                 entries.append(Entry(rel, _LINK, 0o777, _link_target(root, full, rel)))
             elif stat.S_ISREG(st.st_mode):
-                digest, size = _file_digest(str(full))
+                digest, size = digests.digest(rel, str(full), st)
                 entries.append(Entry(rel, _FILE, mode, digest, size, st.st_mtime, source=str(full)))
             else:
                 log.warning("skipping %s: not a regular file, directory or symlink", rel)
+    digests.save()
     for rel, data in sorted((extra_files or {}).items()):
         if not _is_meta(rel):
             raise DeployError(f"generated files must live under {META_DIR}/: {rel}")

@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -614,3 +615,30 @@ def test_cli_refuses_secrets_and_bad_fanout_in_one_line(lab, lab_session: Path) 
             proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
             assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
             assert "--fanout" in proc.stderr
+
+
+def test_unchanged_files_are_not_hashed_again_and_any_change_is_seen(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("MENTO_DIGEST_CACHE", raising=False)
+    root = make_project(tmp_path / "p")
+    past = time.time() - 60  # older than the racy window: safe to remember
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.utime(path, (past, past))
+    monkeypatch.setattr(dp, "RACY_NS", 0)  # ctime is "now" here; trust it for the test
+    first = dp.build_release(root)
+    hashed: list[str] = []
+    real = dp._file_digest
+    monkeypatch.setattr(dp, "_file_digest", lambda p: hashed.append(p) or real(p))
+    assert dp.build_release(root).content_hash == first.content_hash
+    assert hashed == []
+    # same size, mtime put back: only the ctime tells, and it does
+    target = root / "analysis.py"
+    stat_before = target.stat()
+    target.write_text("VERSION = 9\n")
+    os.utime(target, ns=(stat_before.st_atime_ns, stat_before.st_mtime_ns))
+    third = dp.build_release(root)
+    assert hashed == [str(target)]
+    assert third.content_hash != first.content_hash
