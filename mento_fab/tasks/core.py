@@ -78,7 +78,7 @@ def check(
         c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
         host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
     ) as grp:  # fmt: skip
-        fan = int(common.setting(c, "fanout", fanout))
+        fan = int(common.number("--fanout", common.setting(c, "fanout", fanout)))
         with console.Progress(len(grp), "checking"):
             result = check_beamtime(md, grp, metadata_file=path, fanout=fan)
     if json:
