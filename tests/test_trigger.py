@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -73,7 +74,8 @@ def test_a_full_queue_fails_the_handle_instead_of_blocking(beamtime, tmp_path, c
     with caplog.at_level(logging.ERROR, logger="mento_fab.trigger"):
         start = time.monotonic()
         handles = [trig.run([str(script)], background=True) for _ in range(4)]
-        assert time.monotonic() - start < 0.3  # never blocks the caller
+        # never blocks the caller: one blocking call alone would take the script's 0.5 s
+        assert time.monotonic() - start < 0.5
     dropped = [h for h in handles if h.done() and h.error and "pending" in h.error]
     assert dropped, [h.error for h in handles]
     assert any("trigger dropped" in r.getMessage() for r in caplog.records)
@@ -202,7 +204,7 @@ def test_exit_drain_is_bounded_and_logs_what_it_abandons(
     with caplog.at_level(logging.WARNING, logger="mento_fab.trigger"):
         start = time.monotonic()
         trigger_module._drain_at_exit()
-        assert time.monotonic() - start < 1.5
+        assert time.monotonic() - start < 2.0  # unbounded: at least the running job's 2 s
     assert any("not run" in r.getMessage() and "still running" in r.getMessage()
                for r in caplog.records)  # fmt: skip
     abandoned = [h for h in handles if h.done() and h.error and "abandoned" in h.error]
@@ -251,7 +253,8 @@ def test_a_trigger_after_sshd_restarted_and_the_session_dropped(remote, slurm_la
     # ... so drop ours too, from the node's side: its sshd session processes die
     for pid, cmd in slurm_lab.node_pids("cn01").items():
         if cmd.startswith("sshd:"):
-            os.kill(pid, signal.SIGTERM)  # a host pid: we are root on the host
+            with contextlib.suppress(ProcessLookupError):  # it may have ended already
+                os.kill(pid, signal.SIGTERM)  # a host pid: we are root on the host
     handle = remote.run(["hostname"])
     assert handle.ok, handle.error
     assert handle.stdout == "cn01\n"
@@ -267,7 +270,7 @@ def test_background_triggers_never_block_and_keep_failures(remote, caplog) -> No
             for i in range(5)
         ]
         queued = time.monotonic() - start
-        assert queued < 0.1
+        assert queued < 0.2  # one blocking call alone would take the job's 0.2 s
         assert not all(h.done() for h in handles)
         for handle in handles:
             handle.wait(WAIT)
@@ -357,10 +360,11 @@ def test_a_node_that_hangs_on_connect_does_not_block_the_others(slurm_lab, tmp_p
         handle = trig.run(["hostname"], destination="cn03")
         took = time.monotonic() - start
         assert handle.ok and handle.stdout == "cn03\n"
-        assert took < 3 and stuck.is_alive(), took
+        # blocked behind cn02's connect it would take the rest of its 6 s timeout
+        assert took < 5 and stuck.is_alive(), took
         start = time.monotonic()
         trig.close()
-        assert time.monotonic() - start < 3
+        assert time.monotonic() - start < 5
         stuck.join(WAIT)
         assert dead and dead[0].exit_status is None and dead[0].error
     finally:
