@@ -84,6 +84,11 @@ def _run(
     return proc
 
 
+def _keygen(path: Path, comment: str) -> None:
+    """A new passphrase-less ed25519 key pair at ``path`` (client key or host key)."""
+    _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", str(path)])
+
+
 def _alive(pid: int) -> bool:
     """True while pid exists and is not a zombie (zombies hold no namespaces or ports)."""
     try:
@@ -439,7 +444,7 @@ class Lab:
         key = self.node_dir(node) / "ssh_host_ed25519_key"
         key.unlink(missing_ok=True)
         key.with_suffix(".pub").unlink(missing_ok=True)
-        _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"{node}-host", "-f", str(key)])
+        _keygen(key, f"{node}-host")
         if trust:
             self._write_known_hosts()
         self.restart_sshd(node)
@@ -741,38 +746,12 @@ class Lab:
 
     def _write_keys_and_configs(self) -> None:
         pw = pwd.getpwnam(self.user)
-        _run(
-            [
-                "ssh-keygen",
-                "-q",
-                "-t",
-                "ed25519",
-                "-N",
-                "",
-                "-C",
-                f"{self.user}@mento-lab",
-                "-f",
-                str(self.key),
-            ]
-        )
+        _keygen(self.key, f"{self.user}@mento-lab")
 
         def host_key(node: str) -> None:
             d = self.node_dir(node)
             d.mkdir(parents=True, exist_ok=True)
-            _run(
-                [
-                    "ssh-keygen",
-                    "-q",
-                    "-t",
-                    "ed25519",
-                    "-N",
-                    "",
-                    "-C",
-                    f"{node}-host",
-                    "-f",
-                    str(d / "ssh_host_ed25519_key"),
-                ]
-            )
+            _keygen(d / "ssh_host_ed25519_key", f"{node}-host")
 
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(host_key, self.nodes))

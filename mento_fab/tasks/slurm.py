@@ -114,10 +114,9 @@ def submit(
     from mento_fab.slurm import DEFAULT_TIME
 
     script_args = shlex.split(args) if args else []
-    slurm = _open(
+    with _open(
         c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    )
-    try:
+    ) as slurm:
         job = slurm.submit(
             script, script_args, job_name=job_name, time=time or DEFAULT_TIME,
             dependency=dependency, output=output, nodes=nodes,
@@ -134,8 +133,6 @@ def submit(
                 print(f"job {info.id}: {info.state}", file=sys.stderr, flush=True)
 
         info = job.wait(on_state=show)
-    finally:
-        slurm.close()
     status = info.exit_code if info.exit_code is not None else LOST_EXIT
     if json:
         common.print_json({**info.as_dict(), "job_id": job.id, "submit_node": slurm.node})
@@ -162,13 +159,10 @@ def jobs(
     """List this account's jobs in the beamtime's reservation."""
     from mento_fab.nodes import fold
 
-    slurm = _open(
+    with _open(
         c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    )
-    try:
+    ) as slurm:
         found = slurm.jobs()
-    finally:
-        slurm.close()
     if json:
         common.print_json(
             {
@@ -217,13 +211,10 @@ def cancel(
     ids = [j for item in job or [] for j in re.split(r"[\s,]+", item) if j]
     if not ids and not all:
         raise ValueError("name the job ids to cancel, or use --all")
-    slurm = _open(
+    with _open(
         c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    )
-    try:
+    ) as slurm:
         cancelled = slurm.cancel(ids, all=all)
-    finally:
-        slurm.close()
     if json:
         common.print_json({"cancelled": cancelled, "submit_node": slurm.node})
     elif cancelled:
@@ -249,13 +240,10 @@ def reservation(
     """Show the beamtime's reservation: state, start, end, nodes (vs. the metadata's)."""
     from mento_fab.nodes import fold
 
-    slurm = _open(
+    with _open(
         c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    )
-    try:
+    ) as slurm:
         res = slurm.reservation()
-    finally:
-        slurm.close()
     reserved = list(slurm.md.online.nodes)
     only_metadata, only_slurm = res.compare(reserved)
     problem = res.problem()
