@@ -1,7 +1,7 @@
 """``inv`` in a checkout: every mento_fab task, plus ``lab.*`` for the local test cluster."""
 
-from mento_fab.tasks import namespace
-from mento_fab.tasks._common import configure_logging
+from mento_fab.cli import namespace
+from mento_fab.cli.options import configure_logging
 
 configure_logging()
 ns = namespace()

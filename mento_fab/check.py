@@ -17,6 +17,7 @@ from typing import Any
 import fabric
 import paramiko
 
+from mento_fab.errors import BadInput
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import connection_node
 from mento_fab.runner import DEFAULT_FANOUT, describe_error, ensure_open, execute, map_nodes
@@ -174,7 +175,7 @@ def check_beamtime(
 ) -> CheckReport:
     """Check the key file and every Connection of ``group`` (opened and left open)."""
     if md.online is None:
-        raise ValueError(f"beamtime {md.beamtime} has no reserved nodes (no onlineAnalysis)")
+        raise BadInput(f"beamtime {md.beamtime} has no reserved nodes (no onlineAnalysis)")
     blfs = md.online.blfs_mountpoint or f"/beamline/{md.beamline.lower()}"
     report = CheckReport(
         metadata_file=metadata_file,

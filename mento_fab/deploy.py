@@ -45,6 +45,7 @@ from typing import Any
 import fabric
 import pathspec
 
+from mento_fab.errors import BadInput, UnsafeSourceError
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import connection_node
 from mento_fab.runner import (
@@ -61,7 +62,6 @@ from mento_fab.runner import (
 __all__ = [
     "DEFAULT_EXCLUDES",
     "DEFAULT_KEEP",
-    "DeployError",
     "DeployReport",
     "Entry",
     "NodeReleases",
@@ -105,17 +105,6 @@ INSTALL_TIMEOUT = 1800.0
 EventCallback = Callable[[str, str], None]
 
 _DIR, _FILE, _LINK = "d", "f", "l"
-
-
-class DeployError(ValueError):
-    """The deploy cannot start (bad source, bad target, bad options): nothing was sent."""
-
-
-class UnsafeSourceError(DeployError):
-    """The source tree holds something we refuse to ship (a symlink leaving the tree, a secret)."""
-
-
-# --------------------------------------------------------------------------- release
 
 
 @dataclass(frozen=True)
@@ -368,7 +357,7 @@ def build_release(
     """
     root = Path(source).expanduser()
     if not root.is_dir():
-        raise DeployError(f"source is not a directory: {root}")
+        raise BadInput(f"source is not a directory: {root}")
     root = root.resolve()
     spec = _ignore_spec(root, excludes)
     digests = _DigestCache(root)
@@ -408,7 +397,7 @@ def build_release(
     digests.save()
     for rel, data in sorted((extra_files or {}).items()):
         if not _is_meta(rel):
-            raise DeployError(f"generated files must live under {META_DIR}/: {rel}")
+            raise BadInput(f"generated files must live under {META_DIR}/: {rel}")
         if not any(e.path == META_DIR for e in entries):
             entries.append(Entry(META_DIR, _DIR, 0o700))
         entries.append(
@@ -538,16 +527,16 @@ def _remote_dir(target: str) -> str:
     """A target as the remote shell and SFTP take it: ``~/x`` becomes ``x`` (home-relative)."""
     target = target.strip()
     if not target:
-        raise DeployError("target directory must not be empty")
+        raise BadInput("target directory must not be empty")
     if target in ("~", "~/"):
-        raise DeployError("target must be a directory below the home, not the home itself")
+        raise BadInput("target must be a directory below the home, not the home itself")
     if target.startswith("~/"):
         target = target[2:]
     elif target.startswith("~"):
-        raise DeployError(f"target {target!r}: only ~/ (the account's own home) is supported")
+        raise BadInput(f"target {target!r}: only ~/ (the account's own home) is supported")
     target = target.rstrip("/") or "/"
     if target == "/":
-        raise DeployError("target must not be /")
+        raise BadInput("target must not be /")
     return target
 
 
@@ -836,7 +825,7 @@ def deploy(
     """
     start = time.monotonic()
     if keep < 0:
-        raise DeployError("--keep must be 0 or more")
+        raise BadInput("--keep must be 0 or more")
     target_label = target or default_target(md)
     remote = _remote_dir(target_label)
     conns = list(group)

@@ -15,7 +15,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+from mento_fab.errors import MetadataError
 
 __all__ = [
     "AsapoInfo",
@@ -84,22 +85,6 @@ class BeamtimeMetadata:
     tag: str  # 'current' or 'commissioning'
     online: OnlineInfo | None = None
     asapo: AsapoInfo | None = None
-
-
-class MetadataError(ValueError):
-    """Anything wrong *inside* a metadata file.
-
-    The message names the file and the JSON key path (``onlineAnalysis.reservedNodes``);
-    :attr:`messages` holds the full marshmallow error dict for programs.
-    """
-
-    def __init__(
-        self, path: str | os.PathLike[str], problem: str, messages: dict[str, Any] | None = None
-    ) -> None:
-        self.path = str(path)
-        self.problem = problem
-        self.messages: dict[str, Any] = messages or {}
-        super().__init__(f"{self.path}: {problem}")
 
 
 def get_active_session_root(root_dir: str | os.PathLike[str] = "/gpfs") -> Path:

@@ -15,9 +15,7 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Iterable
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +23,11 @@ import fabric
 import paramiko
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
-from mento_fab.metadata import BeamtimeMetadata, get_beamtime_metadata, parse_metadata_file
+from mento_fab import defaults
+from mento_fab.errors import BadInput, HostKeyRefused, MissingFile, NoOnlineAnalysis, SelectionError
+from mento_fab.hostkeys import SYSTEM_KNOWN_HOSTS, HostKeyPolicy, KnownHosts, PolicyForNode
+from mento_fab.metadata import BeamtimeMetadata
+from mento_fab.session import Session
 
 __all__ = [
     "HostKeyPolicy",
@@ -35,35 +37,16 @@ __all__ = [
     "SelectionError",
     "connection_node",
     "fold",
-    "load_metadata",
     "nodes_group",
     "select_nodes",
 ]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONNECT_TIMEOUT = 10.0
-#: Seconds between SSH keepalives on an open connection.
-KEEPALIVE_INTERVAL = 15.0
-#: Seconds of unacknowledged data after which a connection counts as dead.
-DEAD_PEER_TIMEOUT = 60.0
+DEFAULT_CONNECT_TIMEOUT = defaults.CONNECT_TIMEOUT
+KEEPALIVE_INTERVAL = defaults.KEEPALIVE_INTERVAL
+DEAD_PEER_TIMEOUT = defaults.DEAD_PEER_TIMEOUT
 TCP_USER_TIMEOUT = getattr(socket, "TCP_USER_TIMEOUT", 18)  # Linux
-
-
-class SelectionError(ValueError):
-    """A node selection that cannot be honoured (bad syntax, outside the reservation)."""
-
-
-class HostKeyRefused(paramiko.SSHException):
-    """A host key that the policy does not accept; the message says what to check."""
-
-
-class HostKeyPolicy(StrEnum):
-    """What to do with host keys, in the words of OpenSSH's StrictHostKeyChecking."""
-
-    ACCEPT_NEW = "accept-new"  # record unknown keys, refuse changed ones
-    STRICT = "strict"  # refuse unknown and changed keys
-    OFF = "off"  # accept anything (warns loudly)
 
 
 def fold(nodes: Iterable[str]) -> str:
@@ -96,136 +79,9 @@ def select_nodes(
     return list(chosen)
 
 
-def load_metadata(
-    metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
-    root_dir: str | os.PathLike[str] | None = None,
-) -> BeamtimeMetadata:
-    """A metadata object from an object, a file, or the active session (a file wins).
-
-    With neither given, ``$MENTO_METADATA`` then ``$MENTO_ROOT_DIR`` (then ``/gpfs``)
-    apply, as for the command line.
-    """
-    if isinstance(metadata, BeamtimeMetadata):
-        return metadata
-    if metadata is None and root_dir is None:
-        metadata = os.environ.get("MENTO_METADATA") or None
-    if metadata is not None:
-        return parse_metadata_file(metadata)
-    if root_dir is None:
-        root_dir = os.environ.get("MENTO_ROOT_DIR") or "/gpfs"
-    return get_beamtime_metadata(root_dir)
-
-
 def connection_node(conn: fabric.Connection) -> str:
     """The node name a Connection was made for (before ssh_config's HostName)."""
     return str(getattr(conn, "original_host", None) or conn.host)
-
-
-#: Where clusters publish their nodes' keys (OpenSSH's GlobalKnownHostsFile default).
-SYSTEM_KNOWN_HOSTS = ("/etc/ssh/ssh_known_hosts", "/etc/ssh/ssh_known_hosts2")
-
-
-class KnownHosts:
-    """The user's known_hosts file plus the system-wide ones, parsed once per group.
-
-    New keys are appended to the user's file under a lock, like OpenSSH does:
-    paramiko's ``save_host_keys`` rewrites the whole file from one client's
-    memory, and with 32 clients in threads that loses lines. The system files
-    (where admins publish node keys) are only read.
-    """
-
-    def __init__(
-        self, path: str | os.PathLike[str], system_files: Iterable[str] = SYSTEM_KNOWN_HOSTS
-    ) -> None:
-        self.path = Path(path).expanduser()
-        self._lock = threading.Lock()
-        self._tables = [paramiko.HostKeys(), paramiko.HostKeys()]  # user's, system's
-        for table, files in ((self._tables[0], [self.path]), (self._tables[1], system_files)):
-            for file in map(Path, files):
-                if not file.is_file():
-                    continue
-                try:
-                    table.load(str(file))
-                except (OSError, paramiko.SSHException) as exc:
-                    log.warning("%s: could not read known hosts: %s", file, exc)
-
-    def lookup(self, names: Iterable[str]) -> dict[str, list[paramiko.PKey]]:
-        """Every known key of each key type recorded for any of ``names``."""
-        found: dict[str, list[paramiko.PKey]] = {}
-        with self._lock:
-            for table in self._tables:
-                for name in names:
-                    entry = table.lookup(name)
-                    for keytype in entry or ():
-                        found.setdefault(keytype, []).append(entry[keytype])
-        return found
-
-    def add(self, names: list[str], key: paramiko.PKey) -> None:
-        line = f"{','.join(names)} {key.get_name()} {key.get_base64()}\n"
-        with self._lock:
-            try:
-                self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="ascii") as handle:
-                    handle.write(line)
-            except OSError as exc:
-                raise HostKeyRefused(
-                    f"cannot record the host key of {names[0]} in {self.path}: "
-                    f"{exc.strerror or exc}"
-                ) from None
-            for name in names:
-                self._tables[0].add(name, key.get_name(), key)
-
-
-def _fingerprint(key: paramiko.PKey) -> str:
-    return f"{key.get_name()} {key.fingerprint}"
-
-
-class _PolicyForNode(paramiko.MissingHostKeyPolicy):
-    """Checks a node's host key against known_hosts under its alias and its address.
-
-    No keys are loaded into the paramiko client, so paramiko always asks here and
-    the decision (including "changed") is made in one place.
-    """
-
-    def __init__(self, policy: HostKeyPolicy, known: KnownHosts, alias: str) -> None:
-        self.policy = policy
-        self.known = known
-        self.alias = alias
-
-    def missing_host_key(
-        self, client: paramiko.SSHClient, hostname: str, key: paramiko.PKey
-    ) -> None:
-        names = list(dict.fromkeys([self.alias, hostname]))
-        if self.policy is HostKeyPolicy.OFF:
-            log.warning(
-                "host key checking is OFF: %s presented %s and was trusted blindly",
-                self.alias,
-                _fingerprint(key),
-            )
-            return
-        expected = self.known.lookup(names).get(key.get_name())
-        if expected:
-            if key in expected:
-                return
-            raise HostKeyRefused(
-                f"host key of {self.alias} CHANGED: it presents {_fingerprint(key)}, "
-                f"{self.known.path} has {_fingerprint(expected[0])}. If the node was reinstalled, "
-                f"check with the cluster admins and remove the old key "
-                f"(ssh-keygen -R {self.alias} -f {self.known.path}); otherwise someone may be "
-                "intercepting the connection."
-            )
-        if self.policy is HostKeyPolicy.STRICT:
-            raise HostKeyRefused(
-                f"unknown host key of {self.alias} ({_fingerprint(key)}) and host keys are "
-                f"strict: add it to {self.known.path} or use --host-keys accept-new"
-            )
-        log.info(
-            "recording new host key of %s (%s) in %s",
-            self.alias,
-            _fingerprint(key),
-            self.known.path,
-        )
-        self.known.add(names, key)
 
 
 class NodeConnection(fabric.Connection):
@@ -270,16 +126,16 @@ def _load_key(path: str) -> paramiko.PKey:
     try:
         return paramiko.PKey.from_path(path)
     except FileNotFoundError:
-        raise FileNotFoundError(f"SSH key not found: {path}") from None
+        raise MissingFile(f"SSH key not found: {path}") from None
     except PermissionError:
-        raise PermissionError(f"SSH key not readable: {path}") from None
+        raise BadInput(f"SSH key not readable: {path}") from None
     except (paramiko.SSHException, ValueError, OSError) as exc:
         # The exception text can quote key material: name the file and the kind only.
-        raise ValueError(f"SSH key {path} could not be loaded ({type(exc).__name__})") from None
+        raise BadInput(f"SSH key {path} could not be loaded ({type(exc).__name__})") from None
 
 
 def nodes_group(
-    metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
+    metadata: Session | BeamtimeMetadata | str | os.PathLike[str] | None = None,
     *,
     nodes: str | Iterable[str] | None = None,
     exclude: str | None = None,
@@ -302,11 +158,9 @@ def nodes_group(
     ``extra_keys``/``allow_agent`` say otherwise. Every timeout (TCP, banner,
     auth, channel) is ``connect_timeout`` so a dead node never hangs the caller.
     """
-    md = load_metadata(metadata, root_dir)
+    md = Session.load(metadata, root_dir).metadata
     if md.online is None:
-        raise SelectionError(
-            f"beamtime {md.beamtime} has no onlineAnalysis block: no compute nodes were reserved"
-        )
+        raise NoOnlineAnalysis(md.beamtime)
     if nodes is not None and not isinstance(nodes, str):
         nodes = ",".join(nodes)
     selected = select_nodes(md.online.nodes, nodes, exclude)
@@ -315,7 +169,7 @@ def nodes_group(
 
     ssh_config = ssh_config or os.environ.get("MENTO_SSH_CONFIG") or None
     if ssh_config is not None and not Path(ssh_config).is_file():
-        raise FileNotFoundError(f"ssh_config not found: {ssh_config}")
+        raise MissingFile(f"ssh_config not found: {ssh_config}")
     # One Config for all nodes: fabric would parse the ssh_config files once per Connection.
     config = fabric.Config(runtime_ssh_path=str(ssh_config) if ssh_config else None)
     if known_hosts is None:
@@ -347,13 +201,13 @@ def nodes_group(
         }
         if not conn.connect_kwargs["key_filename"]:
             del conn.connect_kwargs["key_filename"]
-        conn.client.set_missing_host_key_policy(_PolicyForNode(policy, known, node))
+        conn.client.set_missing_host_key_policy(PolicyForNode(policy, known, node))
         # ProxyJump hops are Connections fabric builds itself, with AutoAddPolicy:
         # hold them to the same host-key policy.
         hop = conn.gateway
         while isinstance(hop, fabric.Connection):
             hop.client.set_missing_host_key_policy(
-                _PolicyForNode(policy, known, connection_node(hop))
+                PolicyForNode(policy, known, connection_node(hop))
             )
             hop.connect_timeout = connect_timeout
             hop.connect_kwargs = {

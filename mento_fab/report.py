@@ -13,7 +13,7 @@ from typing import Any
 from ClusterShell.MsgTree import MsgTree
 from ClusterShell.NodeSet import NodeSet
 
-from mento_fab.runner import NodeResult, RunReport
+from mento_fab.results import NodeResult, RunReport
 
 __all__ = ["gathered", "problems", "summary", "summary_line", "to_json"]
 
@@ -41,14 +41,7 @@ def _grouped(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def summary(report: RunReport) -> dict[str, Any]:
-    return {
-        "nodes": len(report.results),
-        "ok": len(report.succeeded),
-        "failed": len(report.failed),
-        "unreachable": len(report.unreachable),
-        "exit_status": report.exit_status,
-        "seconds": round(report.seconds, 4),
-    }
+    return report.summary()
 
 
 def summary_line(report: RunReport) -> str:
@@ -72,9 +65,4 @@ def problems(report: RunReport) -> list[str]:
 
 def to_json(report: RunReport, **extra: Any) -> dict[str, Any]:
     """The shared JSON shape: ``{"command", "nodes": [...], "summary": {...}}`` plus ``extra``."""
-    return {
-        "command": report.command,
-        **extra,
-        "nodes": [r.as_dict() for r in report.results],
-        "summary": summary(report),
-    }
+    return report.as_json(**extra)

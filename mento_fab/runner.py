@@ -20,14 +20,16 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import fabric
 import paramiko
 
+from mento_fab import defaults
+from mento_fab.errors import BadInput, NodeError
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import HostKeyRefused, connection_node, nodes_group
+from mento_fab.results import NodeResult, RunReport
 
 __all__ = [
     "DEFAULT_FANOUT",
@@ -43,92 +45,13 @@ __all__ = [
     "run_on_nodes",
 ]
 
-DEFAULT_FANOUT = 32
-#: The exit status a node counts as when the command never ran or was killed (like ssh).
-UNREACHABLE_EXIT = 255
-#: Extra time past ``timeout`` for the remote ``timeout`` to report back before we give up.
-KILL_GRACE = 3.0
+DEFAULT_FANOUT = defaults.FANOUT
+UNREACHABLE_EXIT = defaults.UNREACHABLE_EXIT
+KILL_GRACE = defaults.KILL_GRACE
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 T = TypeVar("T")
 LineCallback = Callable[[str, str, str], None]  # node, "stdout"|"stderr", line
-
-
-class NodeError(Exception):
-    """A per-node failure with a short, user-facing reason (no traceback needed)."""
-
-
-@dataclass
-class NodeResult:
-    """What happened on one node. ``exit`` is None when the command never ran to an end."""
-
-    node: str
-    exit: int | None = None
-    stdout: str = ""
-    stderr: str = ""
-    error: str | None = None
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and self.exit == 0
-
-    @property
-    def reached(self) -> bool:
-        return self.exit is not None
-
-    @property
-    def status(self) -> int:
-        """The node's share of the exit status rule: its exit, or 255 when it never ended."""
-        return self.exit if self.exit is not None else UNREACHABLE_EXIT
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "node": self.node,
-            "exit": self.exit,
-            "stdout": self.stdout,
-            "stderr": self.stderr,
-            "error": self.error,
-            "seconds": round(self.seconds, 4),
-        }
-
-
-@dataclass
-class RunReport:
-    """The results of one command over a set of nodes, in node order."""
-
-    command: str
-    results: list[NodeResult] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return all(r.ok for r in self.results)
-
-    @property
-    def succeeded(self) -> list[NodeResult]:
-        return [r for r in self.results if r.ok]
-
-    @property
-    def failed(self) -> list[NodeResult]:
-        """Nodes where the command ran and exited non-zero."""
-        return [r for r in self.results if r.error is None and r.exit not in (None, 0)]
-
-    @property
-    def unreachable(self) -> list[NodeResult]:
-        """Nodes where the command never ran or never finished (connect, auth, timeout)."""
-        return [r for r in self.results if r.error is not None]
-
-    @property
-    def exit_status(self) -> int:
-        """0 when every node succeeded, else the largest status (255 for unreachable)."""
-        return max((r.status for r in self.results if not r.ok), default=0)
-
-    def __getitem__(self, node: str) -> NodeResult:
-        for result in self.results:
-            if result.node == node:
-                return result
-        raise KeyError(node)
 
 
 def describe_error(exc: BaseException, timeout: float | None = None) -> str:
@@ -176,7 +99,7 @@ def _remote_command(command: str, env: Mapping[str, str] | None, timeout: float 
     if env:
         for name in env:
             if not _ENV_NAME.match(name):
-                raise ValueError(f"not a valid environment variable name: {name!r}")
+                raise BadInput(f"not a valid environment variable name: {name!r}")
         exports = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
         line = f"export {exports}; {line}"
     return line
@@ -347,7 +270,7 @@ def map_nodes(
     """
     conns = list(connections)
     if fanout < 1:
-        raise ValueError("fanout must be at least 1")
+        raise BadInput("fanout must be at least 1")
     if not conns:
         return {}
     outcome: dict[str, T | BaseException] = {connection_node(c): None for c in conns}  # type: ignore[misc]
@@ -408,7 +331,7 @@ def run(
 ) -> RunReport:
     """Run ``command`` on every Connection of ``group`` (opened as needed, left open)."""
     if timeout is not None and timeout <= 0:
-        raise ValueError("timeout must be positive")
+        raise BadInput("timeout must be positive")
     _remote_command(command, env, timeout)  # bad env names are the caller's error, raised now
     start = time.monotonic()
 

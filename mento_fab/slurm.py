@@ -50,8 +50,9 @@ from typing import Any
 import fabric
 from ClusterShell.NodeSet import NodeSet, NodeSetParseError
 
+from mento_fab.errors import BadInput, NoSubmitNode, ReservationError, SlurmError
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import SelectionError, connection_node, fold, load_metadata, nodes_group
+from mento_fab.nodes import SelectionError, connection_node, fold, nodes_group
 from mento_fab.runner import (
     KILL_GRACE,
     LineCallback,
@@ -61,6 +62,7 @@ from mento_fab.runner import (
     ensure_open,
     execute,
 )
+from mento_fab.session import Session
 
 __all__ = [
     "DEFAULT_IMMEDIATE",
@@ -138,19 +140,6 @@ _LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.S)
 _MISSING = ("(null)", "None", "Unknown", "N/A", "")
 
 
-class SlurmError(RuntimeError):
-    """A Slurm command failed; the message is Slurm's own complaint, one line."""
-
-
-class NoSubmitNode(SlurmError):
-    """No reserved node could be reached to run Slurm commands on."""
-
-
-class ReservationError(SlurmError):
-    """The beamtime's reservation is missing, not active yet, or over."""
-
-
-# --------------------------------------------------------------------- parsing
 def parse_key_values(text: str, keys: Sequence[str] | None = None) -> dict[str, str]:
     """``scontrol -o show ...`` output as a dict.
 
@@ -460,7 +449,7 @@ def parse_job_id(stdout: str) -> str:
 def _check_job_id(job_id: str | int) -> str:
     job_id = str(job_id).strip()
     if not _JOB_ID.match(job_id):
-        raise ValueError(f"not a Slurm job id: {job_id!r}")
+        raise BadInput(f"not a Slurm job id: {job_id!r}")
     return job_id
 
 
@@ -518,7 +507,7 @@ class Slurm:
         **group_options: Any,
     ) -> Slurm:
         """Connect to the submit node (``submit_node`` or the first reachable reserved node)."""
-        md = load_metadata(metadata, root_dir)
+        md = Session.load(metadata, root_dir).metadata
         return cls.from_group(nodes_group(md, **group_options), md, submit_node=submit_node)
 
     @classmethod
@@ -889,7 +878,7 @@ class _SrunFanOut:
         if not nodes:
             raise SelectionError("no nodes selected")
         if timeout is not None and timeout <= 0:
-            raise ValueError("timeout must be positive")
+            raise BadInput("timeout must be positive")
         self.slurm, self.nodes, self.command = slurm, nodes, command
         self.timeout, self.env, self.on_line = timeout, env, on_line
         self.immediate = max(1, int(immediate))

@@ -41,8 +41,9 @@ from typing import Any
 import fabric
 
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import SelectionError, load_metadata, nodes_group
+from mento_fab.nodes import SelectionError, nodes_group
 from mento_fab.runner import NodeResult, describe_error, ensure_open, execute, open_channel
+from mento_fab.session import Session
 from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
 
 __all__ = ["Trigger", "TriggerError", "TriggerHandle", "TriggerMethod"]
@@ -206,7 +207,7 @@ class Trigger:
                 self.trigger_method = TriggerMethod(trigger_method)
         except (KeyError, ValueError):
             raise RuntimeError(f"Trigger method not known: {trigger_method!s}") from None
-        self.bt_info = load_metadata(metadata, beamline_root_dir)
+        self.bt_info = Session.load(metadata, beamline_root_dir).metadata
         if self.trigger_method is not TriggerMethod.LOCAL_BASH_SCRIPT and not self.bt_info.online:
             raise RuntimeError(
                 f"beamtime {self.bt_info.beamtime} has no reserved nodes (no onlineAnalysis)"

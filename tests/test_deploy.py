@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from mento_fab import deploy as dp
+import mento_fab.deploy as dp
+from mento_fab.errors import BadInput
 from mento_fab.metadata import parse_metadata_file
 from mento_fab.nodes import nodes_group
 
@@ -158,7 +159,7 @@ def test_token_paths_are_translated_to_the_beamline_mount() -> None:
 
 def test_bad_targets_are_refused() -> None:
     for bad in ("", "~", "/", "~other/x"):
-        with pytest.raises(dp.DeployError):
+        with pytest.raises(BadInput):
             dp._remote_dir(bad)
     assert dp._remote_dir("~/mento_fab/1") == "mento_fab/1"
 
@@ -385,7 +386,9 @@ def test_cli_deploy_json_and_exit_status(lab, lab_session, project, local_target
     doc = json.loads(proc.stdout)
     assert doc["outcome"] == "switched" and doc["summary"]["exit_status"] == 0
     assert [n["node"] for n in doc["nodes"]] == NODES
-    assert set(doc["nodes"][0]) == {"node", "exit", "stdout", "stderr", "error", "seconds"}
+    assert set(doc["nodes"][0]) == {
+        "node", "exit", "stdout", "stderr", "error", "message", "seconds"
+    }  # fmt: skip
     assert doc["release"].endswith(doc["content_hash"][:16])
     again = subprocess.run(cli, capture_output=True, text=True, env=env, timeout=120)
     assert json.loads(again.stdout)["outcome"] == "unchanged" and again.returncode == 0

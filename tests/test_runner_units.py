@@ -94,7 +94,9 @@ def test_gathered_folds_identical_output_in_node_order() -> None:
 def test_json_shape() -> None:
     data = report.to_json(_report())
     assert set(data) == {"command", "nodes", "summary"}
-    assert set(data["nodes"][0]) == {"node", "exit", "stdout", "stderr", "error", "seconds"}
+    assert set(data["nodes"][0]) == {
+        "node", "exit", "stdout", "stderr", "error", "message", "seconds"
+    }  # fmt: skip
     unreachable = data["nodes"][3]
     assert unreachable["exit"] is None and unreachable["error"]
     assert data["summary"]["exit_status"] == 255

@@ -531,7 +531,7 @@ def test_cli_via_slurm_on_a_chosen_submit_node(slurm_lab, slurm_session) -> None
 def test_from_group_keeps_the_submit_node_and_the_task_stays_thin(slurm_lab, slurm_session):
     import inspect
 
-    from mento_fab.tasks import slurm as slurm_tasks
+    from mento_fab.cli import slurm as slurm_tasks
 
     group = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
     conns = list(group)

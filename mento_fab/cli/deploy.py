@@ -8,26 +8,24 @@ exit status rule of ``run-on-nodes``. ``--exclude`` takes file patterns here (as
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Any
 
-from invoke import Context, Exit, task
+from invoke import Context, Exit
 
-from mento_fab.tasks import _common as common
-from mento_fab.tasks import console
+from mento_fab.cli import console
+from mento_fab.cli.options import NODES_SKIP, Options, mento_task, print_json, whole
 
-_NODE_HELP = {k: v for k, v in common.NODE_HELP.items() if k != "exclude"}
+__all__ = ["deploy", "releases", "rollback"]
+
 _TARGET_HELP = (
     "directory on the nodes (default ~/mento_fab/<beamtime id>; "
     "invoke config mento_fab.deploy_target)"
 )
 DEPLOY_HELP = {
-    **_NODE_HELP,
     # invoke has no optional positional arguments: SOURCE is --source.
     "source": "project directory to ship (default: the current directory)",
     "target": _TARGET_HELP,
     "exclude": "gitignore-style file pattern to leave out (repeatable; adds to .mentoignore)",
-    "skip_nodes": "node set to leave out",
     "install": "build .venv in the release from requirements.txt / pyproject.toml",
     "system_site_packages": "with --install: let the venv see the node's system packages",
     "pip_args": "extra pip install arguments, e.g. '--no-index --find-links /beamline/p11/wheels'",
@@ -35,21 +33,14 @@ DEPLOY_HELP = {
     "dry_run": "show what would be sent where (and sizes); change nothing",
 }
 ROLLBACK_HELP = {
-    **_NODE_HELP,
     "target": _TARGET_HELP,
-    "skip_nodes": "node set to leave out",
     "to": "release name to switch to (default: the one before current)",
 }
-RELEASES_HELP = {**_NODE_HELP, "target": _TARGET_HELP, "skip_nodes": "node set to leave out"}
+RELEASES_HELP = {"target": _TARGET_HELP}
 
 
-def _target(c: Context, target: str | None) -> str | None:
-    return common.setting(c, "deploy_target", target)
-
-
-def _fanout(c: Context, fanout: Any) -> int:
-    """``--fanout`` checked like run-on-nodes does: one line for ``abc`` or ``0``, not a trace."""
-    return int(common.number("--fanout", common.setting(c, "fanout", fanout)))
+def _target(opts: Options, target: str | None) -> str | None:
+    return target or opts.setting("deploy_target")
 
 
 def _size(n: int | None) -> str:
@@ -63,10 +54,8 @@ def _size(n: int | None) -> str:
 
 
 def _render(report: Any, json: bool) -> None:
-    from mento_fab import report as reporting
-
     if json:
-        common.print_json(reporting.to_json(report.run, **report.json_extra()))
+        print_json(report.run.as_json(**report.json_extra()))
     else:
         rows = []
         for result in report.run.results:
@@ -92,10 +81,10 @@ def _render(report: Any, json: bool) -> None:
         raise Exit(code=report.exit_status)
 
 
-@task(help=DEPLOY_HELP, iterable=["exclude"], auto_shortflags=False)
-@common.friendly
+@mento_task(shared=NODES_SKIP, help=DEPLOY_HELP, iterable=["exclude"])
 def deploy(
     c: Context,
+    opts: Options,
     source: str = ".",
     target: str | None = None,
     exclude: list[str] | None = None,
@@ -104,44 +93,31 @@ def deploy(
     system_site_packages: bool = False,
     keep: int | None = None,
     dry_run: bool = False,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    nodes: str | None = None,
-    skip_nodes: str | None = None,
-    fanout: int | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
 ):
     """Ship SOURCE to every reserved node: stage everywhere, then switch `current` at once."""
     from mento_fab.deploy import DEFAULT_KEEP, beamtime_files, build_release, refuse_secrets
     from mento_fab.deploy import deploy as run_deploy
 
-    workers = _fanout(c, fanout)
-    md, path = common.load(c, root_dir, metadata)
-    session_root = Path(path).resolve().parent
+    workers, json = opts.fanout, opts.json
+    session = opts.session()
+    md, session_root = session.metadata, session.root
     release = build_release(
         source, exclude or [], extra_files=beamtime_files(md, session_root), install=install
     )
     refuse_secrets(release, md)  # before any connection is opened
-    with common.group(
-        c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
-        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    ) as grp:  # fmt: skip
+    with opts.group(session) as grp:
         progress = console.Progress(len(grp), "staging", enabled=False if json else None)
         with progress:
             report = run_deploy(
                 grp,
                 md,
                 source,
-                _target(c, target),
+                _target(opts, target),
                 session_root=session_root,
                 install=install,
                 pip_args=shlex.split(pip_args or ""),
                 system_site_packages=system_site_packages,
-                keep=DEFAULT_KEEP if keep is None else int(keep),
+                keep=DEFAULT_KEEP if keep is None else whole("--keep", keep),
                 dry_run=dry_run,
                 fanout=workers,
                 on_event=lambda node, what: progress.advance() if what == "staged" else None,
@@ -159,69 +135,34 @@ def deploy(
     _render(report, json)
 
 
-@task(help=ROLLBACK_HELP, auto_shortflags=False)
-@common.friendly
-def rollback(
-    c: Context,
-    target: str | None = None,
-    to: str | None = None,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    nodes: str | None = None,
-    skip_nodes: str | None = None,
-    fanout: int | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
-):
+@mento_task(shared=NODES_SKIP, help=ROLLBACK_HELP)
+def rollback(c: Context, opts: Options, target: str | None = None, to: str | None = None):
     """Switch every node back to the previous release (all nodes or none)."""
     from mento_fab.deploy import rollback as run_rollback
 
-    workers = _fanout(c, fanout)
-    md, _ = common.load(c, root_dir, metadata)
-    with common.group(
-        c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
-        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    ) as grp:  # fmt: skip
-        report = run_rollback(grp, md, _target(c, target), to=to, fanout=workers)
+    workers, json = opts.fanout, opts.json
+    session = opts.session()
+    md = session.metadata
+    with opts.group(session) as grp:
+        report = run_rollback(grp, md, _target(opts, target), to=to, fanout=workers)
     _render(report, json)
 
 
-@task(help=RELEASES_HELP, auto_shortflags=False)
-@common.friendly
-def releases(
-    c: Context,
-    target: str | None = None,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    nodes: str | None = None,
-    skip_nodes: str | None = None,
-    fanout: int | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
-):
+@mento_task(shared=NODES_SKIP, help=RELEASES_HELP)
+def releases(c: Context, opts: Options, target: str | None = None):
     """List the releases on each node; `*` marks the current one."""
-    from mento_fab import report as reporting
     from mento_fab.deploy import default_target
     from mento_fab.deploy import releases as list_releases
 
-    workers = _fanout(c, fanout)
-    md, _ = common.load(c, root_dir, metadata)
-    label = _target(c, target) or default_target(md)
-    with common.group(
-        c, md, nodes=nodes, exclude=skip_nodes, connect_timeout=connect_timeout,
-        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    ) as grp:  # fmt: skip
+    workers, json = opts.fanout, opts.json
+    session = opts.session()
+    md = session.metadata
+    label = _target(opts, target) or default_target(md)
+    with opts.group(session) as grp:
         run, found = list_releases(grp, md, label, fanout=workers)
     if json:
-        common.print_json(
-            reporting.to_json(
-                run,
+        print_json(
+            run.as_json(
                 target=label,
                 releases={
                     n: {"current": r.current, "releases": r.releases} for n, r in found.items()

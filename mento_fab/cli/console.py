@@ -12,8 +12,8 @@ from collections.abc import Callable
 from typing import Any, TextIO
 
 from mento_fab import report as reporting
-from mento_fab.runner import RunReport
-from mento_fab.tasks._common import is_tty
+from mento_fab.cli.options import is_tty
+from mento_fab.results import RunReport
 
 #: Seconds before a progress bar appears; quick runs never flash one.
 PROGRESS_DELAY = 0.4

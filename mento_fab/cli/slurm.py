@@ -9,76 +9,36 @@ would rule out ``cancel --all``).
 
 from __future__ import annotations
 
-import functools
 import re
 import shlex
 import sys
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
-from invoke import Context, Exit, task
+from invoke import Context, Exit
 
-from mento_fab.tasks import _common as common
-from mento_fab.tasks import console
+from mento_fab.cli import console
+from mento_fab.cli.options import SLURM, Options, mento_task, print_json
+from mento_fab.defaults import BAD_INPUT_EXIT, UNREACHABLE_EXIT
+from mento_fab.errors import BadInput
 
-F = TypeVar("F", bound=Callable[..., Any])
+__all__ = ["cancel", "jobs", "reservation", "submit"]
 
-SLURM_HELP = {
-    **common.COMMON_HELP,
-    "submit_node": "node to run Slurm commands on (default: the first reachable reserved node)",
-    "connect_timeout": common.NODE_HELP["connect_timeout"],
-    "host_keys": common.NODE_HELP["host_keys"],
-    "ssh_config": common.NODE_HELP["ssh_config"],
-    "known_hosts": common.NODE_HELP["known_hosts"],
-}
 #: A job that ended without an exit code (forgotten by slurmctld, connection lost).
-LOST_EXIT = 255
+LOST_EXIT = UNREACHABLE_EXIT
 
 
-def slurm_errors(func: F) -> F:
-    """Slurm's complaints as one line: reservation problems 2, unreachable 255, others 1."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from mento_fab.slurm import NoSubmitNode, ReservationError, SlurmError
-
-        try:
-            return func(*args, **kwargs)
-        except ReservationError as exc:
-            raise Exit(f"mento-fab: {exc}", code=common.BAD_INPUT) from None
-        except NoSubmitNode as exc:
-            raise Exit(f"mento-fab: {exc}", code=255) from None
-        except SlurmError as exc:
-            raise Exit(f"mento-fab: {exc}", code=1) from None
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _open(
-    c: Context,
-    root_dir: str | None,
-    metadata: str | None,
-    submit_node: str | None,
-    connect_timeout: float | None,
-    host_keys: str | None,
-    ssh_config: str | None,
-    known_hosts: str | None,
-) -> Any:
+def _open(c: Context, opts: Options) -> Any:
     """A Slurm client on the submit node, from task options."""
     from mento_fab.slurm import Slurm
 
-    md, _ = common.load(c, root_dir, metadata)
-    grp = common.group(
-        c, md, connect_timeout=connect_timeout, host_keys=host_keys,
-        ssh_config=ssh_config, known_hosts=known_hosts,
-    )  # fmt: skip
-    return Slurm.from_group(grp, md, submit_node=submit_node)
+    session = opts.session()
+    grp = opts.group(session)
+    return Slurm.from_group(grp, session.metadata, submit_node=opts.submit_node)
 
 
-@task(
-    auto_shortflags=False,
+@mento_task(
+    shared=SLURM,
     help={
-        **SLURM_HELP,
         "script": "job script: a local file is uploaded first, otherwise a path on the node",
         "args": "arguments for the script, as one shell-quoted string: --args \"a 'b c'\"",
         "job_name": "job name (default mento_<beamline>_<beamtime>)",
@@ -89,10 +49,9 @@ def _open(
         "wait": "follow the job to its end and exit with its exit code",
     },
 )
-@common.friendly
-@slurm_errors
 def submit(
     c: Context,
+    opts: Options,
     script: str,
     args: str | None = None,
     job_name: str | None = None,
@@ -101,22 +60,13 @@ def submit(
     output: str | None = None,
     nodes: str | None = None,
     wait: bool = False,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    submit_node: str | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
 ):
     """Submit SCRIPT to the beamtime's reservation with sbatch; prints the job id."""
     from mento_fab.slurm import DEFAULT_TIME
 
     script_args = shlex.split(args) if args else []
-    with _open(
-        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    ) as slurm:
+    json = opts.json
+    with _open(c, opts) as slurm:
         job = slurm.submit(
             script, script_args, job_name=job_name, time=time or DEFAULT_TIME,
             dependency=dependency, output=output, nodes=nodes,
@@ -125,7 +75,7 @@ def submit(
             print(job.id, flush=True)
         if not wait:
             if json:
-                common.print_json({"job_id": job.id, "name": job.name, "submit_node": slurm.node})
+                print_json({"job_id": job.id, "name": job.name, "submit_node": slurm.node})
             return
 
         def show(info: Any) -> None:
@@ -135,36 +85,26 @@ def submit(
         info = job.wait(on_state=show)
     status = info.exit_code if info.exit_code is not None else LOST_EXIT
     if json:
-        common.print_json({**info.as_dict(), "job_id": job.id, "submit_node": slurm.node})
+        print_json({**info.as_dict(), "job_id": job.id, "submit_node": slurm.node})
     elif info.exit_code is None:
         print(f"job {job.id}: exit code lost (slurmctld forgot the job)", file=sys.stderr)
     if status:
         raise Exit(code=status)
 
 
-@task(help=SLURM_HELP, auto_shortflags=False)
-@common.friendly
-@slurm_errors
+@mento_task(shared=SLURM)
 def jobs(
     c: Context,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    submit_node: str | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
+    opts: Options,
 ):
     """List this account's jobs in the beamtime's reservation."""
     from mento_fab.nodes import fold
 
-    with _open(
-        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    ) as slurm:
+    json = opts.json
+    with _open(c, opts) as slurm:
         found = slurm.jobs()
     if json:
-        common.print_json(
+        print_json(
             {
                 "reservation": slurm.info.reservation,
                 "submit_node": slurm.node,
@@ -183,72 +123,51 @@ def jobs(
     )
 
 
-@task(
-    auto_shortflags=False,
+@mento_task(
+    shared=SLURM,
     help={
-        **SLURM_HELP,
         "job": "job id to cancel (repeatable; also comma-separated: --job 12,13)",
         "all": "cancel all of this account's jobs in the reservation",
     },
     iterable=["job"],
 )
-@common.friendly
-@slurm_errors
 def cancel(
     c: Context,
+    opts: Options,
     job: list[str] | None = None,
     all: bool = False,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    submit_node: str | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
 ):
     """Cancel jobs by id, or --all of this account's jobs in the reservation."""
     ids = [j for item in job or [] for j in re.split(r"[\s,]+", item) if j]
     if not ids and not all:
-        raise ValueError("name the job ids to cancel, or use --all")
-    with _open(
-        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    ) as slurm:
+        raise BadInput("name the job ids to cancel, or use --all")
+    json = opts.json
+    with _open(c, opts) as slurm:
         cancelled = slurm.cancel(ids, all=all)
     if json:
-        common.print_json({"cancelled": cancelled, "submit_node": slurm.node})
+        print_json({"cancelled": cancelled, "submit_node": slurm.node})
     elif cancelled:
         print(f"cancelled {', '.join(cancelled)}")
     else:
         print("no jobs to cancel", file=sys.stderr)
 
 
-@task(help=SLURM_HELP, auto_shortflags=False)
-@common.friendly
-@slurm_errors
+@mento_task(shared=SLURM)
 def reservation(
     c: Context,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    submit_node: str | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
+    opts: Options,
 ):
     """Show the beamtime's reservation: state, start, end, nodes (vs. the metadata's)."""
     from mento_fab.nodes import fold
 
-    with _open(
-        c, root_dir, metadata, submit_node, connect_timeout, host_keys, ssh_config, known_hosts
-    ) as slurm:
+    json = opts.json
+    with _open(c, opts) as slurm:
         res = slurm.reservation()
     reserved = list(slurm.md.online.nodes)
     only_metadata, only_slurm = res.compare(reserved)
     problem = res.problem()
     if json:
-        common.print_json(
+        print_json(
             {
                 "reservation": res.as_dict(),
                 "metadata_nodes": reserved,
@@ -277,4 +196,4 @@ def reservation(
         if not (only_metadata or only_slurm):
             print("nodes match the metadata")
     if problem:
-        raise Exit(f"mento-fab: {problem}", code=common.BAD_INPUT)
+        raise Exit(f"mento-fab: {problem}", code=BAD_INPUT_EXIT)

@@ -4,25 +4,28 @@ from __future__ import annotations
 
 import dataclasses
 
-from invoke import Context, Exit, task
+from invoke import Context, Exit
 
-from mento_fab.tasks import _common as common
-from mento_fab.tasks import console
+from mento_fab.cli import console
+from mento_fab.cli.options import COMMON, NODES, Options, mento_task, number, print_json
+from mento_fab.errors import BadInput
+
+__all__ = ["check", "info", "run_on_nodes"]
 
 
-@task(help=common.COMMON_HELP, auto_shortflags=False)
-@common.friendly
-def info(c: Context, root_dir: str | None = None, metadata: str | None = None, json: bool = False):
+@mento_task(shared=COMMON)
+def info(c: Context, opts: Options):
     """Show the active beamtime: ids, paths, reserved nodes, Slurm, ASAPO (token paths only)."""
     from mento_fab.nodes import fold
 
-    md, path = common.load(c, root_dir, metadata)
+    session = opts.session()
+    md, path, json = session.metadata, str(session.file), opts.json
     online, asapo = md.online, md.asapo
     if json:
         data = {"metadata_file": path, **dataclasses.asdict(md)}
         if online is not None:
             data["online"]["nodeset"] = fold(online.nodes)
-        common.print_json(data)
+        print_json(data)
         return
     rows = [
         ("Beamline", md.beamline),
@@ -55,34 +58,18 @@ def info(c: Context, root_dir: str | None = None, metadata: str | None = None, j
         print(f"{key.ljust(width)}  {value}")
 
 
-@task(help=common.NODE_HELP, auto_shortflags=False)
-@common.friendly
-def check(
-    c: Context,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    nodes: str | None = None,
-    exclude: str | None = None,
-    fanout: int | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
-    json: bool = False,
-):
+@mento_task(shared=NODES)
+def check(c: Context, opts: Options):
     """Is the beamtime ready? Key file, and per node: login, round trip, home, beamline FS."""
     from mento_fab.check import check_beamtime
 
-    md, path = common.load(c, root_dir, metadata)
-    with common.group(
-        c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
-        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    ) as grp:  # fmt: skip
-        fan = int(common.number("--fanout", common.setting(c, "fanout", fanout)))
-        with console.Progress(len(grp), "checking"):
-            result = check_beamtime(md, grp, metadata_file=path, fanout=fan)
-    if json:
-        common.print_json(result.as_dict())
+    session = opts.session()
+    md, path = session.metadata, str(session.file)
+    fan = opts.fanout
+    with opts.group(session) as grp, console.Progress(len(grp), "checking"):
+        result = check_beamtime(md, grp, metadata_file=path, fanout=fan)
+    if opts.json:
+        print_json(result.as_dict())
     else:
         print(f"metadata  {path}: valid")
         print(f"ssh key   {result.key_problem or result.key + ': ok'}")
@@ -111,10 +98,9 @@ def check(
         raise Exit(code=result.exit_status)
 
 
-@task(
-    auto_shortflags=False,
+@mento_task(
+    shared=NODES,
     help={
-        **common.NODE_HELP,
         "command": "the shell command to run on every node",
         "stream": "print lines live, prefixed by node, instead of gathered output",
         "timeout": "seconds after which the command is killed on the node",
@@ -125,46 +111,35 @@ def check(
     },
     iterable=["env"],
 )
-@common.friendly
 def run_on_nodes(
     c: Context,
+    opts: Options,
     command: str,
-    root_dir: str | None = None,
-    metadata: str | None = None,
-    nodes: str | None = None,
-    exclude: str | None = None,
-    fanout: int | None = None,
     timeout: float | None = None,
-    connect_timeout: float | None = None,
-    host_keys: str | None = None,
-    ssh_config: str | None = None,
-    known_hosts: str | None = None,
     env: list[str] | None = None,
     stream: bool = False,
-    json: bool = False,
     via: str = "ssh",
     submit_node: str | None = None,
 ):
     """Run COMMAND on every reserved node; identical outputs are shown once per node set."""
-    from mento_fab import report as reporting
     from mento_fab.runner import run
 
     environment = {}
     for item in env or []:
         name, sep, value = item.partition("=")
         if not sep:
-            raise ValueError(f"--env takes NAME=VALUE, not {item!r}")
+            raise BadInput(f"--env takes NAME=VALUE, not {item!r}")
         environment[name] = value
     if via not in ("ssh", "slurm"):
-        raise ValueError(f"--via must be ssh or slurm, not {via!r}")
+        raise BadInput(f"--via must be ssh or slurm, not {via!r}")
     if timeout is not None:
-        timeout = common.number("--timeout", timeout)
-    md, _ = common.load(c, root_dir, metadata)
+        timeout = number("--timeout", timeout)
+    json = opts.json
+    fanout = opts.fanout
+    session = opts.session()
+    md = session.metadata
     on_line = console.stream_printer() if stream and not json else None
-    with common.group(
-        c, md, nodes=nodes, exclude=exclude, connect_timeout=connect_timeout,
-        host_keys=host_keys, ssh_config=ssh_config, known_hosts=known_hosts,
-    ) as grp:  # fmt: skip
+    with opts.group(session) as grp:
         progress = console.Progress(
             len(grp), "running", enabled=None if not (stream or json) else False
         )
@@ -180,14 +155,14 @@ def run_on_nodes(
                 result = run(
                     grp,
                     command,
-                    fanout=int(common.number("--fanout", common.setting(c, "fanout", fanout))),
+                    fanout=fanout,
                     timeout=timeout,
                     env=environment,
                     on_line=on_line,
                     on_result=progress.advance,
                 )
     if json:
-        common.print_json(reporting.to_json(result))
+        print_json(result.as_json())
     else:
         if not stream:
             console.print_gathered(result)

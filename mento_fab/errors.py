@@ -1,0 +1,130 @@
+"""Every exception mento_fab raises on purpose, under one root: :class:`MentoError`.
+
+The tree says who has to act, which is what the command line turns into an exit
+status (``mento_fab.cli.exits``, the one table):
+
+- :class:`BadInput` (also a ``ValueError``): the caller gave something unusable:
+  a broken metadata file, a node set outside the reservation, a bad option value.
+  Exit status 2.
+- :class:`NodeError` (also a ``RuntimeError``): one node failed (unreachable, lost,
+  refused its host key). Inside a run this is data in a ``NodeResult``; raised on
+  its own it exits 255, as ssh does.
+- :class:`SlurmError`, :class:`DeployError`, :class:`TriggerError` (``RuntimeError``):
+  an operation that could not be completed for a reason outside the caller's input.
+
+Like marshmallow's ``ValidationError``, an error may carry data: ``.messages``
+(a dict of key paths to messages) where there is more than one line to say.
+Messages never quote a key or a token: they name files and keys instead.
+
+>>> try:
+...     raise SelectionError("not reserved for this beamtime: cn99")
+... except BadInput as exc:
+...     print(type(exc).__name__, isinstance(exc, ValueError), exc)
+SelectionError True not reserved for this beamtime: cn99
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadInput",
+    "DeployError",
+    "DeployLocked",
+    "HostKeyRefused",
+    "MentoError",
+    "MetadataError",
+    "MissingFile",
+    "NoOnlineAnalysis",
+    "NoSubmitNode",
+    "NodeError",
+    "ReservationError",
+    "SelectionError",
+    "SlurmError",
+    "SlurmUnavailable",
+    "TriggerError",
+    "UnsafeSourceError",
+]
+
+
+class MentoError(Exception):
+    """The root of every error mento_fab raises on purpose."""
+
+    def __init__(self, message: str = "", messages: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        #: Structured details (key path -> message(s)), like marshmallow's ``.messages``.
+        self.messages: dict[str, Any] = messages or {}
+
+
+class BadInput(MentoError, ValueError):
+    """Something the caller supplied cannot be used as it is (exit status 2)."""
+
+
+class MetadataError(BadInput):
+    """Anything wrong *inside* a metadata file.
+
+    The message names the file and the JSON key path (``onlineAnalysis.reservedNodes``);
+    :attr:`messages` holds the full marshmallow error dict for programs.
+    """
+
+    def __init__(self, path: object, problem: str, messages: dict[str, Any] | None = None) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}", messages)
+
+
+class MissingFile(BadInput, FileNotFoundError):
+    """A local file the caller named (key, ssh_config, script, source) does not exist."""
+
+
+class NoOnlineAnalysis(BadInput):
+    """The beamtime has no ``onlineAnalysis`` block: no nodes, account or reservation."""
+
+    def __init__(self, beamtime: str, what: str = "compute nodes") -> None:
+        super().__init__(
+            f"beamtime {beamtime} has no onlineAnalysis block: no {what} were reserved"
+        )
+
+
+class SelectionError(BadInput):
+    """A node selection that cannot be honoured (bad syntax, too large, outside the reservation)."""
+
+
+class UnsafeSourceError(BadInput):
+    """A deploy source that must not be shipped (it holds the key or a token, or escapes)."""
+
+
+class NodeError(MentoError, RuntimeError):
+    """One node failed; the message is a short, user-facing reason (no traceback needed)."""
+
+
+class HostKeyRefused(NodeError):
+    """A host key the policy does not accept; the message says what to check."""
+
+
+class SlurmError(MentoError, RuntimeError):
+    """Slurm refused or failed an operation; the message quotes Slurm's reason."""
+
+
+class SlurmUnavailable(SlurmError):
+    """The Slurm controller (or every submit node) could not be reached."""
+
+
+class NoSubmitNode(SlurmUnavailable):
+    """No reserved node could be reached to run Slurm commands on."""
+
+
+class ReservationError(SlurmError, BadInput):
+    """The beamtime's reservation is missing, inactive or differs from the metadata."""
+
+
+class DeployError(MentoError, RuntimeError):
+    """A deploy, rollback or release listing that could not be carried out."""
+
+
+class DeployLocked(DeployError):
+    """Another deploy holds the target's lock; the message names the holder."""
+
+
+class TriggerError(MentoError, RuntimeError):
+    """A trigger could not be sent (the handle carries the per-call error)."""
