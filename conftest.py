@@ -50,6 +50,9 @@ def lab_args(slot: int, *, spare: bool = False) -> dict[str, Any]:
         "prefix": f"{'mspare' if spare else 'mtest'}{slot}",
         "subnet": f"198.18.{100 + offset + slot}",
         "slurmctld_port": 6900 + offset + slot,
+        # Its own account, so concurrent runs never share a home directory (deploy
+        # targets, worker state): the home is shared by a lab's nodes, as on a cluster.
+        "user": f"mlab{slot}",
     }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from lab import Lab
 from mento_fab import MetadataError, nodes_group, run, run_on_nodes
 from mento_fab.nodes import HostKeyPolicy
 
@@ -65,7 +66,7 @@ def test_each_node_answers_under_its_own_name(group) -> None:
 
 
 def test_every_connection_has_its_own_connect_kwargs_and_only_the_beamtime_key(
-    group, lab_session: Path
+    group, lab: Lab, lab_session: Path
 ) -> None:
     conns = list(group)
     key_body = "".join(
@@ -77,7 +78,7 @@ def test_every_connection_has_its_own_connect_kwargs_and_only_the_beamtime_key(
         assert key_body[:40] not in shown.replace("\n", "")
     assert len({id(c.connect_kwargs) for c in conns}) == len(conns)
     for conn in conns:
-        assert conn.user == "mentolab"
+        assert conn.user == lab.user
         assert conn.connect_kwargs["allow_agent"] is False
         assert conn.connect_kwargs["look_for_keys"] is False
         assert "key_filename" not in conn.connect_kwargs  # ssh_config's IdentityFile not added
