@@ -126,3 +126,13 @@ def lab_session(lab: Lab, tmp_path: Path) -> Path:
 def slurm_session(slurm_lab: Lab, tmp_path: Path) -> Path:
     """Like ``lab_session``, with Slurm running (partition and reservation in the file)."""
     return slurm_lab.make_session(tmp_path, slurm_lab.nodes[:SESSION_NODES])
+
+
+@pytest.fixture(autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own HOME and cache directory: nothing is read from or written
+    to the real ``~/.cache/mento_fab``, ``~/.ssh`` or ``~/.mento_fab.yaml``."""
+    home = tmp_path_factory.mktemp("home")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    return home
