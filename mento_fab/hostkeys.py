@@ -1,10 +1,16 @@
 """Host keys: the known_hosts files and the policy for unknown and changed keys.
 
 OpenSSH's rules, applied in one place for every connection (nodes and ProxyJump
-hops): a key found under the node's alias or address is accepted; a *changed*
-key is always refused with a message saying what to check; an unknown key is
-recorded (``accept-new``), refused (``strict``) or trusted with a loud warning
-(``off``). fabric's default would silently auto-add every key.
+hops): a key found under the node's alias or address is accepted; a host that has
+any known key but presents none of them has a *changed* key, whatever the key
+type, and is always refused with a message saying what to check; a host with no
+known key is recorded (``accept-new``), refused (``strict``) or trusted with a
+loud warning (``off``). fabric's default would silently auto-add every key, and
+paramiko's own check compares keys of the same type only.
+
+The transport (:func:`mento_fab.connection.transport_factory`) asks the server for
+the key types already known for the host first, so a host that still has its
+recorded key proves it with that one.
 """
 
 from __future__ import annotations
@@ -115,13 +121,17 @@ class PolicyForNode(paramiko.MissingHostKeyPolicy):
                 _fingerprint(key),
             )
             return
-        expected = self.known.lookup(names).get(key.get_name())
-        if expected:
-            if key in expected:
+        known = self.known.lookup(names)
+        if known:
+            # As OpenSSH: a host with any known key must present one of them. paramiko
+            # compares per key type only, which accepted a new key of another type.
+            if any(key in keys for keys in known.values()):
                 return
+            fingerprints = (_fingerprint(k) for keys in known.values() for k in keys)
+            recorded = ", ".join(dict.fromkeys(fingerprints))
             raise HostKeyRefused(
                 f"host key of {self.alias} CHANGED: it presents {_fingerprint(key)}, "
-                f"{self.known.path} has {_fingerprint(expected[0])}. If the node was reinstalled, "
+                f"known_hosts has {recorded}. If the node was reinstalled, "
                 f"check with the cluster admins and remove the old key "
                 f"(ssh-keygen -R {self.alias} -f {self.known.path}); otherwise someone may be "
                 "intercepting the connection."
@@ -129,7 +139,7 @@ class PolicyForNode(paramiko.MissingHostKeyPolicy):
         if self.policy is HostKeyPolicy.STRICT:
             raise HostKeyRefused(
                 f"unknown host key of {self.alias} ({_fingerprint(key)}) and host keys are "
-                f"strict: add it to {self.known.path} or use --host-keys accept-new"
+                f"strict: add it to {self.known.path} or use the accept-new policy"
             )
         log.info(
             "recording new host key of %s (%s) in %s",
