@@ -15,7 +15,6 @@ import os
 import re
 import select
 import shlex
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -26,9 +25,10 @@ import fabric
 import paramiko
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node, describe_error, ensure_open, open_channel
 from mento_fab.errors import BadInput, NodeError
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import HostKeyRefused, connection_node, nodes_group
+from mento_fab.nodes import nodes_group
 from mento_fab.results import NodeResult, RunReport
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "NodeResult",
     "RunReport",
     "describe_error",
+    "ensure_open",
     "execute",
     "map_nodes",
     "open_channel",
@@ -52,38 +53,6 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 T = TypeVar("T")
 LineCallback = Callable[[str, str, str], None]  # node, "stdout"|"stderr", line
-
-
-def describe_error(exc: BaseException, timeout: float | None = None) -> str:
-    """A one-line reason for a node failure, without a traceback or any secret."""
-    if isinstance(exc, NodeError | HostKeyRefused):
-        return str(exc)
-    if isinstance(exc, paramiko.AuthenticationException):
-        return "authentication failed (key not accepted for this account)"
-    if isinstance(exc, paramiko.BadHostKeyException):
-        return f"host key changed ({exc})"
-    if isinstance(exc, paramiko.ssh_exception.NoValidConnectionsError):
-        reasons = {e.strerror or str(e) for e in exc.errors.values()}
-        return "unreachable: " + "; ".join(sorted(reasons)).lower()
-    if isinstance(exc, TimeoutError | socket.timeout):
-        return f"connect timed out after {timeout:g} s" if timeout else "timed out"
-    if isinstance(exc, ConnectionRefusedError):
-        return "unreachable: connection refused"
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host ({exc.strerror})"
-    if isinstance(exc, paramiko.SSHException):
-        text = str(exc)
-        within = f" within {timeout:g} s" if timeout else ""
-        if "banner" in text.lower():
-            return f"no SSH server answered (no SSH banner{within})"
-        if text == "No existing session":  # the handshake outlived paramiko's start timeout
-            return f"no SSH handshake{within} (not an SSH server, or overloaded)"
-        return f"ssh error: {text}"
-    if isinstance(exc, OSError):
-        return f"unreachable: {exc.strerror or exc}".lower()
-    if isinstance(exc, EOFError):
-        return "connection closed by the node"
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _remote_command(command: str, env: Mapping[str, str] | None, timeout: float | None) -> str:
@@ -143,35 +112,6 @@ class _LineSplitter:
         if self.tail:
             self.callback(self.node, self.stream, self.tail.decode("utf-8", "replace"))
             self.tail = b""
-
-
-def ensure_open(conn: fabric.Connection) -> paramiko.Transport:
-    """Open the connection if needed (reconnecting after a drop) and return its transport."""
-    if not conn.is_connected:
-        if conn.transport is not None:  # dropped: start over with a fresh client state
-            conn.close()
-        try:
-            conn.open()
-        except paramiko.SSHException as exc:
-            # paramiko reports a failed handshake as "No existing session"; the
-            # transport kept the real reason (e.g. no banner from a non-SSH server).
-            transport = conn.client.get_transport()
-            saved = getattr(transport, "saved_exception", None)
-            if saved is not None and saved is not exc:
-                raise NodeError(describe_error(saved, conn.connect_timeout)) from None
-            raise
-    transport = conn.client.get_transport()
-    if transport is None:
-        raise NodeError("unreachable: no transport after connect")
-    return transport
-
-
-def open_channel(conn: fabric.Connection) -> paramiko.Channel:
-    """A new session channel on the Connection (opened or re-opened as needed).
-
-    Nothing has reached the node's shell yet when this returns or raises.
-    """
-    return ensure_open(conn).open_session(timeout=conn.connect_timeout)
 
 
 def execute(
