@@ -2,25 +2,34 @@
 
 Each node is asked once: connect and log in, one shell line that tests the home
 directory and the beamline filesystem mount, then one timed round trip on the
-open connection. Failures are data in the :class:`CheckReport`.
+open connection. Each node's outcome is a :class:`NodeCheck`, a
+:class:`~mento_fab.results.NodeResult` with the check's own findings, so the
+summary and the exit status follow the same rule as every other command:
+
+- exit 0: logged in, home writable (the node is ready);
+- exit 1: logged in but not ready (``message`` says why);
+- no exit, ``error`` set: never reached or never logged in (counts as 255).
+
+A key file others can read makes the whole report fail (exit 1) even when
+every node is ready: ssh itself would refuse such a key.
 """
 
 from __future__ import annotations
 
-import os
 import shlex
-import stat
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import fabric
 import paramiko
 
-from mento_fab.errors import BadInput
+from mento_fab import defaults
+from mento_fab.connection import connection_node, describe_error, ensure_open, key_problem
+from mento_fab.errors import NoOnlineAnalysis
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node
-from mento_fab.runner import DEFAULT_FANOUT, describe_error, ensure_open, execute, map_nodes
+from mento_fab.results import NodeResult, RunReport, exit_status
+from mento_fab.runner import execute, map_nodes
 
 __all__ = ["CheckReport", "NodeCheck", "check_beamtime", "key_problem"]
 
@@ -28,104 +37,72 @@ _PROBE = (
     'f=$(mktemp "$HOME/.mento-check.XXXXXX" 2>/dev/null) && rm -f "$f" && echo home=ok; '
     "test -d {blfs} && echo blfs=ok; exit 0"
 )
+#: Seconds the probe line may take on a logged-in node.
+PROBE_TIMEOUT = 30.0
 
 
 @dataclass
-class NodeCheck:
-    node: str
+class NodeCheck(NodeResult):
+    """One node's check: a NodeResult plus what was found on the node."""
+
     reachable: bool = False
     login: bool = False
     rtt: float | None = None  # seconds for one command on the open connection
     home_writable: bool | None = None
     blfs_mounted: bool | None = None
-    error: str | None = None
-    seconds: float = 0.0
 
     @property
     def ready(self) -> bool:
         return self.login and bool(self.home_writable)
 
     @property
-    def exit(self) -> int | None:
-        """The shared per-node contract: 0 ready, 1 reached but not ready, None never in."""
-        if not self.login:
-            return None
-        return 0 if self.ready else 1
-
-    @property
     def warnings(self) -> list[str]:
         return ["beamline filesystem not mounted"] if self.blfs_mounted is False else []
 
-
-@dataclass
-class CheckReport:
-    metadata_file: str
-    key: str
-    key_problem: str | None
-    blfs_mountpoint: str
-    nodes: list[NodeCheck] = field(default_factory=list)
-
-    @property
-    def ready(self) -> bool:
-        return self.key_problem is None and all(n.ready for n in self.nodes)
-
-    @property
-    def exit_status(self) -> int:
-        """0 ready; 255 when a node cannot be reached or logged into; 1 otherwise."""
-        if self.ready:
-            return 0
-        if any(not n.login for n in self.nodes):
-            return 255
-        return 1
-
     def as_dict(self) -> dict[str, Any]:
-        """design.md's per-node JSON (node, exit, stdout, stderr, error, seconds) plus checks."""
-        nodes = [
-            {
-                **asdict(n),
-                "exit": n.exit,
-                "stdout": "",
-                "stderr": "",
-                "seconds": round(n.seconds, 4),
-                "warnings": n.warnings,
-            }
-            for n in self.nodes
-        ]
+        """The shared per-node JSON plus the checks."""
         return {
-            "metadata_file": self.metadata_file,
-            "key": self.key,
-            "key_problem": self.key_problem,
-            "blfs_mountpoint": self.blfs_mountpoint,
-            "ready": self.ready,
-            "nodes": nodes,
-            "summary": {
-                "nodes": len(self.nodes),
-                "ok": sum(n.ready for n in self.nodes),
-                "failed": sum(n.login and not n.ready for n in self.nodes),
-                "unreachable": sum(not n.login for n in self.nodes),
-                "exit_status": self.exit_status,
-            },
+            **super().as_dict(),
+            "reachable": self.reachable,
+            "login": self.login,
+            "rtt": self.rtt,
+            "home_writable": self.home_writable,
+            "blfs_mounted": self.blfs_mounted,
+            "warnings": self.warnings,
         }
 
 
-def key_problem(path: str) -> str | None:
-    """Why ssh would refuse this private key file, or None."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return f"key file missing: {path}"
-    except OSError as exc:
-        return f"key file unreadable: {path} ({exc.strerror})"
-    if not stat.S_ISREG(info.st_mode):
-        return f"key file is not a regular file: {path}"
-    if info.st_mode & 0o077:
-        return (
-            f"key file {path} is accessible by group/others (mode "
-            f"{stat.S_IMODE(info.st_mode):04o}); ssh refuses it: chmod 600 {shlex.quote(path)}"
+@dataclass
+class CheckReport(RunReport):
+    """The per-node checks of one beamtime, and the key file's verdict."""
+
+    metadata_file: str = ""
+    key: str = ""
+    key_problem: str | None = None
+    blfs_mountpoint: str = ""
+
+    @property
+    def nodes(self) -> list[NodeCheck]:
+        return [r for r in self.results if isinstance(r, NodeCheck)]
+
+    @property
+    def ready(self) -> bool:
+        return self.key_problem is None and self.ok
+
+    @property
+    def exit_status(self) -> int:
+        """The exit rule over the nodes, with a bad key file counting as a failure (1)."""
+        return exit_status([r.status for r in self.results] + [1 if self.key_problem else 0])
+
+    def as_dict(self) -> dict[str, Any]:
+        """The shared JSON shape (``nodes``, ``summary``) plus the beamtime-wide checks."""
+        return self.as_json(
+            metadata_file=self.metadata_file,
+            key=self.key,
+            key_problem=self.key_problem,
+            blfs_mountpoint=self.blfs_mountpoint,
+            ready=self.ready,
         )
-    if not os.access(path, os.R_OK):
-        return f"key file not readable by you: {path}"
-    return None
 
 
 def _check_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
@@ -147,7 +124,7 @@ def _probe_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
         check.error = describe_error(exc, conn.connect_timeout)
         return check
     check.reachable = check.login = True
-    probe = execute(conn, _PROBE.format(blfs=shlex.quote(blfs)), timeout=30)
+    probe = execute(conn, _PROBE.format(blfs=shlex.quote(blfs)), timeout=PROBE_TIMEOUT)
     if probe.error:
         check.error = probe.error
         return check
@@ -161,8 +138,9 @@ def _probe_node(conn: fabric.Connection, blfs: str) -> NodeCheck:
     lines = set(probe.stdout.split())
     check.home_writable = "home=ok" in lines
     check.blfs_mounted = "blfs=ok" in lines
-    if not check.home_writable:
-        check.error = "home directory not writable"
+    check.exit = 0 if check.home_writable else 1
+    notes = ([] if check.home_writable else ["home directory not writable"]) + check.warnings
+    check.message = "; ".join(notes) or None
     return check
 
 
@@ -171,13 +149,15 @@ def check_beamtime(
     group: Any,
     *,
     metadata_file: str = "",
-    fanout: int = DEFAULT_FANOUT,
+    fanout: int = defaults.FANOUT,
 ) -> CheckReport:
     """Check the key file and every Connection of ``group`` (opened and left open)."""
     if md.online is None:
-        raise BadInput(f"beamtime {md.beamtime} has no reserved nodes (no onlineAnalysis)")
+        raise NoOnlineAnalysis(md.beamtime)
+    start = time.monotonic()
     blfs = md.online.blfs_mountpoint or f"/beamline/{md.beamline.lower()}"
     report = CheckReport(
+        command="check",
         metadata_file=metadata_file,
         key=md.online.ssh.key,
         key_problem=key_problem(md.online.ssh.key),
@@ -186,7 +166,8 @@ def check_beamtime(
     outcome = map_nodes(group, lambda conn: _check_node(conn, blfs), fanout=fanout)
     for node, value in outcome.items():
         if isinstance(value, NodeCheck):
-            report.nodes.append(value)
+            report.results.append(value)
         else:
-            report.nodes.append(NodeCheck(node=node, error=describe_error(value)))
+            report.results.append(NodeCheck(node=node, error=describe_error(value)))
+    report.seconds = time.monotonic() - start
     return report

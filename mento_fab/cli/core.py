@@ -76,7 +76,7 @@ def check(c: Context, opts: Options):
         rows = []
         for n in result.nodes:
             state = "ready" if n.ready else "NOT READY"
-            notes = "; ".join(([n.error] if n.error else []) + n.warnings)
+            notes = n.error or n.message or ""
             rows.append([
                 n.node,
                 state,
