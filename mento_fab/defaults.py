@@ -36,3 +36,7 @@ LOCK_TIMEOUT = 300.0
 UNREACHABLE_EXIT = 255
 #: Exit status for bad input (a broken metadata file, a bad option, a foreign node).
 BAD_INPUT_EXIT = 2
+#: sbatch's ``--time`` when the caller gives none (the original toolkit's one day).
+SLURM_TIME = "1-0"
+#: Seconds srun waits for its allocation before giving up (``srun --immediate``).
+SRUN_IMMEDIATE = 10

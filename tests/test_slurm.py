@@ -23,12 +23,12 @@ from mento_fab.nodes import nodes_group
 from mento_fab.runner import run
 from mento_fab.slurm import (
     Job,
+    LabelSplitter,
     ReservationError,
     Slurm,
     SlurmError,
     parse_job,
     parse_key_values,
-    parse_label_output,
     parse_reservation,
     parse_squeue,
     run_via_slurm,
@@ -188,7 +188,11 @@ def test_label_output_maps_tasks_to_nodes_and_keeps_a_missing_newline() -> None:
         ("stdout", "10: MENTO-abc end cn09 5"),
         ("stderr", "srun: error: cn09: task 1: Exited with exit code 5"),
     ]
-    node_of, pieces, exits, loose = parse_label_output(lines, token)
+    splitter = LabelSplitter(token)
+    for stream, line in lines:
+        splitter.feed(stream, line)
+    node_of, pieces, exits = splitter.node_of, splitter.pieces, splitter.exits
+    loose = splitter.loose
     assert node_of == {0: "cn07", 1: "cn09", 10: "cn09"}
     assert "".join(pieces[0]["stdout"]) == "line one\n\nlast"
     assert "".join(pieces[1]["stderr"]) == "early err\n"

@@ -16,6 +16,7 @@ from typing import Any
 
 from invoke import Context, Exit
 
+from mento_fab import defaults
 from mento_fab.cli import console
 from mento_fab.cli.options import SLURM, Options, mento_task, print_json
 from mento_fab.defaults import BAD_INPUT_EXIT, UNREACHABLE_EXIT
@@ -42,7 +43,7 @@ def _open(c: Context, opts: Options) -> Any:
         "script": "job script: a local file is uploaded first, otherwise a path on the node",
         "args": "arguments for the script, as one shell-quoted string: --args \"a 'b c'\"",
         "job_name": "job name (default mento_<beamline>_<beamtime>)",
-        "time": "time limit (default 1-0, one day)",
+        "time": f"time limit (default {defaults.SLURM_TIME}, one day)",
         "dependency": "sbatch --dependency, e.g. afterok:123",
         "output": "file for the job's output on the nodes (default Slurm's slurm-%j.out)",
         "nodes": "how many nodes the job asks for (sbatch --nodes)",
@@ -62,13 +63,11 @@ def submit(
     wait: bool = False,
 ):
     """Submit SCRIPT to the beamtime's reservation with sbatch; prints the job id."""
-    from mento_fab.slurm import DEFAULT_TIME
-
     script_args = shlex.split(args) if args else []
     json = opts.json
     with _open(c, opts) as slurm:
         job = slurm.submit(
-            script, script_args, job_name=job_name, time=time or DEFAULT_TIME,
+            script, script_args, job_name=job_name, time=time or defaults.SLURM_TIME,
             dependency=dependency, output=output, nodes=nodes,
         )  # fmt: skip
         if not json:

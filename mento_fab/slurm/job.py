@@ -1,0 +1,88 @@
+"""A handle on one batch job: its state, its end, its exit code.
+
+Without ``sacct`` a job's exit code is known only while slurmctld remembers the
+job (``MinJobAge``, 300 s by default). :meth:`Job.wait` polls far more often than
+that and a :class:`Job` keeps the last state it saw, so a finished job's exit
+code is not lost once seen; a job forgotten before anyone looked ends as state
+``UNKNOWN``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from mento_fab.slurm.parse import JobInfo, check_job_id
+
+if TYPE_CHECKING:
+    from mento_fab.slurm.client import Slurm
+
+__all__ = ["Job"]
+
+
+class Job:
+    """A submitted batch job. Keeps the last state it saw, so its exit code outlives
+    slurmctld's memory (``MinJobAge``) once observed."""
+
+    def __init__(self, job_id: str | int, slurm: Slurm, *, name: str = "") -> None:
+        self.id = check_job_id(job_id)
+        self.slurm = slurm
+        self.name = name
+        self.last: JobInfo | None = None
+
+    def __repr__(self) -> str:
+        state = self.last.state if self.last else "?"
+        return f"Job({self.id!r}, state={state})"
+
+    def info(self) -> JobInfo:
+        """Ask slurmctld now; a forgotten job keeps its last seen end, else is UNKNOWN."""
+        if self.last is not None and self.last.finished:
+            return self.last
+        seen = self.slurm.show_job(self.id, self.name or None)
+        if seen is None:
+            seen = JobInfo(id=self.id, name=self.name, state="UNKNOWN")
+            if self.last is not None:
+                seen.nodes = self.last.nodes
+                seen.elapsed = self.last.elapsed
+        self.last = seen
+        return seen
+
+    def state(self) -> str:
+        """PENDING, RUNNING, COMPLETED, FAILED, CANCELLED, TIMEOUT, ... or UNKNOWN."""
+        return self.info().state
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.last.exit_code if self.last else None
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        poll: float = 0.25,
+        max_poll: float = 2.0,
+        on_state: Callable[[JobInfo], None] | None = None,
+    ) -> JobInfo:
+        """Follow the job to its end; TimeoutError after ``timeout`` seconds.
+
+        Polling starts at ``poll`` and backs off to ``max_poll`` seconds, well
+        under any sensible MinJobAge, so the exit code is read before it is lost.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous = None
+        while True:
+            info = self.info()
+            if on_state is not None and info.state != previous:
+                on_state(info)
+            previous = info.state
+            if info.finished:
+                return info
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"job {self.id} still {info.state} after {timeout:g} s")
+            pause = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
+            time.sleep(pause)
+            poll = min(max_poll, poll * 1.5)
+
+    def cancel(self) -> None:
+        self.slurm.cancel([self.id])
