@@ -31,6 +31,7 @@ from typing import Any
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node, describe_error, ensure_open
 from mento_fab.errors import (
     NoOnlineAnalysis,
     NoSubmitNode,
@@ -39,9 +40,9 @@ from mento_fab.errors import (
     SlurmError,
 )
 from mento_fab.metadata import BeamtimeMetadata, SlurmInfo
-from mento_fab.nodes import connection_node, nodes_group
+from mento_fab.nodes import nodes_group
 from mento_fab.results import NodeResult
-from mento_fab.runner import LineCallback, describe_error, ensure_open, execute
+from mento_fab.runner import LineCallback, execute
 from mento_fab.session import Session
 from mento_fab.slurm.job import Job
 from mento_fab.slurm.parse import (

@@ -32,9 +32,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node
 from mento_fab.errors import BadInput, SelectionError, SlurmError
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node, fold
+from mento_fab.nodes import fold
 from mento_fab.results import NodeResult, RunReport
 from mento_fab.runner import LineCallback
 from mento_fab.slurm.client import Slurm, default_job_name, pick_submit_node
