@@ -1,4 +1,4 @@
-"""Benchmark ``mento_fab.deploy`` against parallel ``rsync -a`` and ``scp -r`` (run as root).
+"""Benchmark ``mento_fab.deployment`` against parallel ``rsync -a`` and ``scp -r`` (run as root).
 
     python bench/bench_deploy.py [--rounds 5] [--nodes 8]
 
@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lab import Lab
-from mento_fab import deploy as dp
+from mento_fab import deployment as dp
 from mento_fab.metadata import parse_metadata_file
 from mento_fab.nodes import nodes_group
 
@@ -92,7 +92,7 @@ def main() -> None:
         def mento(target: str) -> dp.DeployReport:
             grp = nodes_group(md, ssh_config=lab.ssh_config)
             try:
-                report = dp.deploy(grp, md, src, target, session_root=session.parent)
+                report = dp.deploy(grp, session, src, target)
             finally:
                 grp.close()
             if not report.ok:

@@ -32,7 +32,7 @@ _EXPORTS = {
     "HostKeyPolicy": "hostkeys",
     **dict.fromkeys(("nodes_group", "select_nodes"), "nodes"),
     **dict.fromkeys(("run", "run_on_nodes"), "runner"),
-    **dict.fromkeys(("deploy", "rollback"), "deploy"),
+    **dict.fromkeys(("deploy", "rollback"), "deployment"),
     "Slurm": "slurm",
     **dict.fromkeys(("Trigger", "TriggerMethod"), "trigger"),
 }  # fmt: skip

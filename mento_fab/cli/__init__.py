@@ -9,6 +9,7 @@ exit statuses in one table, :mod:`.exits`.
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -43,6 +44,18 @@ class MentoConfig(Config):
     env_prefix = "MENTO_FAB"
 
 
+def _usage_hint(exc: ParseError) -> str | None:
+    """A task module's ``USAGE[task]``, for a word invoke did not expect after that task."""
+    task = getattr(getattr(exc, "context", None), "name", None)
+    if not task or "No idea what" not in str(exc):
+        return None
+    for name in _TASK_MODULES:
+        hint = getattr(sys.modules.get(f"mento_fab.cli.{name}"), "USAGE", {}).get(task)
+        if hint:
+            return str(hint)
+    return None
+
+
 def _bad_usage(step: Callable[..., Any]) -> Callable[..., Any]:
     """A command-line mistake is bad input: exit status 2 with one line, as for the tasks."""
 
@@ -51,7 +64,8 @@ def _bad_usage(step: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return step(*args, **kwargs)
         except ParseError as exc:
-            raise Exit(f"mento-fab: {exc}", code=BAD_INPUT_EXIT) from None
+            message = _usage_hint(exc) or str(exc)
+            raise Exit(f"mento-fab: {message}", code=BAD_INPUT_EXIT) from None
 
     return wrapper
 

@@ -1,6 +1,6 @@
 """``deploy``, ``rollback`` and ``releases``: ship the analysis code to the reserved nodes.
 
-Thin wrappers over :mod:`mento_fab.deploy`: options in, a table or JSON out, the
+Thin wrappers over :mod:`mento_fab.deployment`: options in, a table or JSON out, the
 exit status rule of ``run-on-nodes``. ``--exclude`` takes file patterns here (as in
 ``.mentoignore``); node sets are left out with ``--skip-nodes``.
 """
@@ -12,10 +12,15 @@ from typing import Any
 
 from invoke import Context, Exit
 
+from mento_fab import defaults
 from mento_fab.cli import console
 from mento_fab.cli.options import NODES_SKIP, Options, mento_task, print_json, whole
 
 __all__ = ["deploy", "releases", "rollback"]
+
+#: How a task's words are written when invoke finds a word it does not expect
+#: (invoke has no optional positional arguments).
+USAGE = {"deploy": "deploy takes the source as --source DIR (default: the current directory)"}
 
 _TARGET_HELP = (
     "directory on the nodes (default ~/mento_fab/<beamtime id>; "
@@ -29,7 +34,7 @@ DEPLOY_HELP = {
     "install": "build .venv in the release from requirements.txt / pyproject.toml",
     "system_site_packages": "with --install: let the venv see the node's system packages",
     "pip_args": "extra pip install arguments, e.g. '--no-index --find-links /beamline/p11/wheels'",
-    "keep": "old releases to keep on each node (default 5)",
+    "keep": f"old releases to keep on each node (default {defaults.KEEP_RELEASES})",
     "dry_run": "show what would be sent where (and sizes); change nothing",
 }
 ROLLBACK_HELP = {
@@ -53,23 +58,29 @@ def _size(n: int | None) -> str:
     return str(n)
 
 
+def _note(result: Any) -> str:
+    """The tool's words and any connection error; a failed command's last stderr line."""
+    parts = [p for p in (result.error, result.message) if p]
+    if not parts and not result.ok:
+        lines = result.stderr.strip().splitlines()
+        parts.append(lines[-1] if lines else f"exit {result.exit}")
+    return "; ".join(parts)
+
+
 def _render(report: Any, json: bool) -> None:
     if json:
         print_json(report.run.as_json(**report.json_extra()))
     else:
         rows = []
         for result in report.run.results:
-            info = report.details.get(result.node, {})
-            note = result.error or (result.stderr.strip() if not result.ok else result.stdout)
-            if result.ok and info.get("warning"):
-                note = f"{note}; {info['warning']}"
+            info = report.details.get(result.node)
             rows.append([
                 result.node,
-                info.get("state", "ok" if result.ok else "failed"),
-                _size(info.get("bytes")),
-                str(info.get("reused", "-")),
+                str(info.state) if info else ("ok" if result.ok else "failed"),
+                _size(info.bytes if info else None),
+                str(info.reused) if info and info.reused is not None else "-",
                 f"{result.seconds:.2f} s",
-                note,
+                _note(result),
             ])  # fmt: skip
         shown = "" if report.outcome == "unchanged" else f" {report.release or ''}"
         title = f"{report.action}{shown} -> {report.target}: {report.outcome}"
@@ -95,29 +106,31 @@ def deploy(
     dry_run: bool = False,
 ):
     """Ship SOURCE to every reserved node: stage everywhere, then switch `current` at once."""
-    from mento_fab.deploy import DEFAULT_KEEP, beamtime_files, build_release, refuse_secrets
-    from mento_fab.deploy import deploy as run_deploy
+    from mento_fab.deployment import SecretScan, beamtime_files, build_release
+    from mento_fab.deployment import deploy as run_deploy
 
     workers, json = opts.fanout, opts.json
     session = opts.session()
-    md, session_root = session.metadata, session.root
+    keep_releases = defaults.KEEP_RELEASES if keep is None else whole("--keep", keep)
     release = build_release(
-        source, exclude or [], extra_files=beamtime_files(md, session_root), install=install
+        source,
+        exclude or [],
+        extra_files=beamtime_files(session),
+        install=install,
+        secrets=SecretScan.for_metadata(session.metadata),  # before any connection is opened
     )
-    refuse_secrets(release, md)  # before any connection is opened
     with opts.group(session) as grp:
         progress = console.Progress(len(grp), "staging", enabled=False if json else None)
         with progress:
             report = run_deploy(
                 grp,
-                md,
+                session,
                 source,
                 _target(opts, target),
-                session_root=session_root,
                 install=install,
                 pip_args=shlex.split(pip_args or ""),
                 system_site_packages=system_site_packages,
-                keep=DEFAULT_KEEP if keep is None else whole("--keep", keep),
+                keep=keep_releases,
                 dry_run=dry_run,
                 fanout=workers,
                 on_event=lambda node, what: progress.advance() if what == "staged" else None,
@@ -138,28 +151,26 @@ def deploy(
 @mento_task(shared=NODES_SKIP, help=ROLLBACK_HELP)
 def rollback(c: Context, opts: Options, target: str | None = None, to: str | None = None):
     """Switch every node back to the previous release (all nodes or none)."""
-    from mento_fab.deploy import rollback as run_rollback
+    from mento_fab.deployment import rollback as run_rollback
 
     workers, json = opts.fanout, opts.json
     session = opts.session()
-    md = session.metadata
     with opts.group(session) as grp:
-        report = run_rollback(grp, md, _target(opts, target), to=to, fanout=workers)
+        report = run_rollback(grp, session, _target(opts, target), to=to, fanout=workers)
     _render(report, json)
 
 
 @mento_task(shared=NODES_SKIP, help=RELEASES_HELP)
 def releases(c: Context, opts: Options, target: str | None = None):
     """List the releases on each node; `*` marks the current one."""
-    from mento_fab.deploy import default_target
-    from mento_fab.deploy import releases as list_releases
+    from mento_fab.deployment import default_target
+    from mento_fab.deployment import releases as list_releases
 
     workers, json = opts.fanout, opts.json
     session = opts.session()
-    md = session.metadata
-    label = _target(opts, target) or default_target(md)
+    label = _target(opts, target) or default_target(session.metadata)
     with opts.group(session) as grp:
-        run, found = list_releases(grp, md, label, fanout=workers)
+        run, found = list_releases(grp, session, label, fanout=workers)
     if json:
         print_json(
             run.as_json(

@@ -1,0 +1,412 @@
+"""The steps of a deploy, one function each: probe, find shared targets, plan, stage,
+discard, switch, revert, prune.
+
+Each step takes the connections it works on and plain inputs, and returns one
+value per node: what the step found or did, or a :class:`Failure` (never an
+exception: one node's failure is data). :mod:`.orchestrate` decides from these
+what happens next, so the all-or-none rule lives in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import fabric
+
+from mento_fab.deployment import remote as sh
+from mento_fab.deployment.scan import Release
+from mento_fab.errors import NodeError
+from mento_fab.nodes import connection_node
+from mento_fab.results import NodeResult
+from mento_fab.runner import describe_error, ensure_open, execute, map_nodes
+
+__all__ = [
+    "CHUNK",
+    "COMMAND_TIMEOUT",
+    "INSTALL_TIMEOUT",
+    "REMOVE_TIMEOUT",
+    "STAGE_MIN_RATE",
+    "STAGE_TIMEOUT",
+    "EventCallback",
+    "Failure",
+    "Plan",
+    "Probe",
+    "Sharing",
+    "StageOptions",
+    "StepFailed",
+    "discard",
+    "find_shared",
+    "plan",
+    "probe",
+    "prune",
+    "revert",
+    "run_step",
+    "stage",
+    "switch",
+]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+#: Bound on every short remote command (probe, list, switch, revert): a node that
+#: vanishes mid-deploy turns into a "timed out" result instead of a hang.
+COMMAND_TIMEOUT = 60.0
+#: Removing releases (prune, cleanup of a staged copy) may walk many files.
+REMOVE_TIMEOUT = 600.0
+#: Staging: a fixed allowance plus the archive at no less than STAGE_MIN_RATE bytes/s
+#: (checksum, hard links, unpack); an ``install`` adds INSTALL_TIMEOUT for pip.
+STAGE_TIMEOUT = 300.0
+STAGE_MIN_RATE = 1_000_000
+INSTALL_TIMEOUT = 1800.0
+#: Events passed to ``on_event``: (node, event) — for progress and for tests.
+EventCallback = Callable[[str, str], None]
+
+
+# ------------------------------------------------------------------- results
+
+
+@dataclass
+class Failure:
+    """Why a step failed on one node, in the shared per-node shape."""
+
+    #: The tool's words ("staging failed: checksum mismatch after upload"); None when
+    #: ``error`` says it all.
+    message: str | None = None
+    #: The remote command's exit status; None when it never ran or never ended.
+    exit: int | None = None
+    #: The remote command's own stderr.
+    stderr: str = ""
+    #: A connection-level problem (unreachable, lost, timed out).
+    error: str | None = None
+
+    def result(self, node: str, seconds: float = 0.0, message: str | None = None) -> NodeResult:
+        return NodeResult(
+            node, self.exit, "", self.stderr, self.error, seconds, message or self.message
+        )
+
+    @property
+    def reason(self) -> str:
+        return self.error or self.message or f"exit {self.exit}"
+
+
+class StepFailed(NodeError):
+    """A step's command failed on a node; carries the :class:`Failure`."""
+
+    def __init__(self, failure: Failure) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
+def failure_of(value: BaseException) -> Failure:
+    """The :class:`Failure` for an exception a step raised on a node."""
+    if isinstance(value, StepFailed):
+        return value.failure
+    return Failure(error=describe_error(value))
+
+
+def run_step(conn: fabric.Connection, command: str, what: str, timeout: float) -> NodeResult:
+    """Run one step's command; raise :class:`StepFailed` unless it succeeded."""
+    result = execute(conn, command, timeout=timeout)
+    if result.error:
+        raise StepFailed(Failure(error=result.error, stderr=result.stderr))
+    if result.exit != 0:
+        lines = [x for x in result.stderr.strip().splitlines() if "previous errors" not in x]
+        detail = "; ".join(lines[-3:]) or f"exit {result.exit}"
+        raise StepFailed(Failure(f"{what} failed: {detail}", result.exit, result.stderr))
+    return result
+
+
+def _split(
+    outcome: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Failure]]:
+    done = {n: v for n, v in outcome.items() if not isinstance(v, BaseException)}
+    failed = {n: failure_of(v) for n, v in outcome.items() if isinstance(v, BaseException)}
+    return done, failed
+
+
+def _failures(outcome: dict[str, Any]) -> dict[str, Failure | None]:
+    """node -> its Failure, or None where the step succeeded (in node order)."""
+    return {n: failure_of(v) if isinstance(v, BaseException) else None for n, v in outcome.items()}
+
+
+# ---------------------------------------------------------------------- probe
+
+
+@dataclass
+class Probe:
+    """What a node has now: ``current``'s link (``releases/<name>`` or "") and content hash."""
+
+    link: str
+    content_hash: str
+
+
+def probe(
+    conns: Sequence[fabric.Connection], remote: str, fanout: int
+) -> dict[str, Probe | Failure]:
+    """One read-only command per node: where does ``current`` point, with what content?"""
+
+    def one(conn: fabric.Connection) -> Probe:
+        res = run_step(conn, sh.probe_command(remote), "probe", COMMAND_TIMEOUT)
+        return Probe(*sh.parse_probe(res.stdout))
+
+    done, failed = _split(map_nodes(conns, one, fanout=fanout))
+    return {
+        connection_node(c): done.get(connection_node(c)) or failed[connection_node(c)]
+        for c in conns
+    }
+
+
+# ------------------------------------------------------------- shared targets
+
+
+@dataclass
+class Sharing:
+    """Nodes grouped by the target directory they see; the first of a group stages it."""
+
+    groups: list[list[fabric.Connection]]
+    failures: dict[str, Failure]
+    #: This run's nonce files (removed by :func:`prune` or :func:`discard`).
+    nonces: list[str]
+
+
+def find_shared(conns: Sequence[fabric.Connection], remote: str, fanout: int) -> Sharing:
+    """Group nodes that see the same target directory (a cluster home) by nonce files.
+
+    Every node writes its own nonce file, then every node lists which it sees: two
+    parallel round trips however many nodes there are.
+    """
+    run_id = secrets.token_hex(6)
+    nonce = {connection_node(c): f".probe-{run_id}-{i}" for i, c in enumerate(conns)}
+
+    def write(conn: fabric.Connection) -> None:
+        command = sh.nonce_write_command(remote, nonce[connection_node(conn)])
+        run_step(conn, command, "creating the target", COMMAND_TIMEOUT)
+
+    _, failures = _split(map_nodes(conns, write, fanout=fanout))
+    alive = [c for c in conns if connection_node(c) not in failures]
+
+    def look(conn: fabric.Connection) -> frozenset[str]:
+        res = run_step(conn, sh.nonce_list_command(remote, run_id), "probe", COMMAND_TIMEOUT)
+        return frozenset(line for line in res.stdout.split() if line.startswith(".probe-"))
+
+    seen: dict[frozenset[str], list[fabric.Connection]] = {}
+    looked, failed = _split(map_nodes(alive, look, fanout=fanout))
+    failures.update(failed)
+    for conn in alive:
+        node = connection_node(conn)
+        if node in looked:
+            key = looked[node] if nonce[node] in looked[node] else frozenset({nonce[node]})
+            seen.setdefault(key, []).append(conn)
+    return Sharing(list(seen.values()), failures, list(nonce.values()))
+
+
+# --------------------------------------------------------------- plan, stage
+
+
+@dataclass
+class Plan:
+    """What staging sends to a node: the archive's size, files sent and reused, the base."""
+
+    bytes: int
+    sent_files: int
+    reused: int
+    base: str | None
+
+
+@dataclass
+class StageOptions:
+    """How a release is made ready on a node beyond unpacking it."""
+
+    install: bool = False
+    pip_args: Sequence[str] = ()
+    system_site_packages: bool = False
+
+
+def read_manifest(conn: fabric.Connection, remote: str) -> list[list[Any]] | None:
+    """The entries of the node's current release, or None (then everything is sent)."""
+    res = execute(conn, sh.manifest_command(remote), timeout=COMMAND_TIMEOUT)
+    if not res.ok:
+        if res.error:
+            raise StepFailed(Failure(error=res.error))
+        return None
+    try:
+        entries = json.loads(res.stdout)["entries"]
+        return [list(e) for e in entries if isinstance(e, list) and len(e) == 4]
+    except (ValueError, KeyError, TypeError):
+        log.warning("%s: unreadable manifest in the current release", connection_node(conn))
+        return None
+
+
+def _delta(
+    conn: fabric.Connection, release: Release, remote: str, link: str
+) -> tuple[bytes, list[str], list[list[Any]] | None]:
+    base = read_manifest(conn, remote) if link else None
+    data, reused = release.archive(base)
+    return data, reused, base
+
+
+def plan(
+    reps: Sequence[fabric.Connection],
+    release: Release,
+    remote: str,
+    current: dict[str, str],
+    fanout: int,
+) -> dict[str, Plan | Failure]:
+    """What :func:`stage` would send to each node (``current``: node -> link); changes nothing."""
+
+    def one(conn: fabric.Connection) -> Plan:
+        link = current[connection_node(conn)]
+        data, reused, _ = _delta(conn, release, remote, link)
+        sent = len(release.user_files) - len(reused)
+        return Plan(len(data), sent, len(reused), link or None)
+
+    done, failed = _split(map_nodes(reps, one, fanout=fanout))
+    return {**done, **failed}
+
+
+def _upload(sftp: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` with pipelined SFTP writes (one round trip at close)."""
+    view = memoryview(data)
+    with sftp.open(path, "wb") as handle:
+        handle.set_pipelined(True)
+        for start in range(0, len(view), CHUNK):
+            handle.write(view[start : start + CHUNK])
+
+
+def _stage_timeout(size: int, install: bool) -> float:
+    """Seconds a stage command may take: generous, but bounded (a vanished node)."""
+    seconds = STAGE_TIMEOUT + size / STAGE_MIN_RATE
+    return seconds + INSTALL_TIMEOUT if install else seconds
+
+
+def stage(
+    reps: Sequence[fabric.Connection],
+    release: Release,
+    remote: str,
+    current: dict[str, str],
+    options: StageOptions,
+    fanout: int,
+    event: EventCallback,
+) -> dict[str, Plan | Failure]:
+    """Upload and unpack the release on each node (one per shared target); nothing switches."""
+
+    def one(conn: fabric.Connection) -> Plan:
+        node = connection_node(conn)
+        event(node, "staging")
+        link = current[node]
+        data, reused, base_manifest = _delta(conn, release, remote, link)
+        base_dir = link.rsplit("/", 1)[-1] if base_manifest is not None and reused else None
+        uploads = [(f"{remote}/releases/.{release.name}.tar", data)]
+        if base_dir:
+            drop = release.dropped(base_manifest or [])
+            listing = b"\0".join(p.encode("utf-8", "surrogateescape") for p in drop)
+            uploads.append((f"{remote}/releases/.{release.name}.drop", listing))
+        try:
+            sftp = ensure_open(conn).open_sftp_client()
+            # A stalled transfer (vanished node) raises instead of waiting forever.
+            sftp.get_channel().settimeout(COMMAND_TIMEOUT)
+            try:
+                for path, payload in uploads:
+                    _upload(sftp, path, payload)
+            finally:
+                sftp.close()
+        except OSError as exc:
+            # paramiko's SFTP errors are IOErrors: the node's failure, not bad input.
+            what = exc.strerror or str(exc) or type(exc).__name__
+            raise StepFailed(Failure(error=f"upload of {uploads[0][0]} failed: {what}")) from None
+        checksum = hashlib.sha256(data).hexdigest()
+        command = sh.stage_command(
+            remote,
+            release,
+            checksum,
+            base_dir,
+            options.install,
+            options.pip_args,
+            options.system_site_packages,
+        )
+        run_step(conn, command, "staging", _stage_timeout(len(data), options.install))
+        event(node, "staged")
+        return Plan(len(data), len(release.user_files) - len(reused), len(reused), link or None)
+
+    done, failed = _split(map_nodes(reps, one, fanout=fanout))
+    return {**done, **failed}
+
+
+def discard(
+    conns: Sequence[fabric.Connection],
+    remote: str,
+    release: Release,
+    nonces: Sequence[str],
+    fanout: int,
+) -> None:
+    """Remove a staged release and the nonce files wherever the node still answers."""
+    command = sh.discard_command(remote, release.name, nonces)
+    map_nodes(conns, lambda c: execute(c, command, timeout=REMOVE_TIMEOUT), fanout=fanout)
+
+
+# ------------------------------------------------------------ switch, revert
+
+
+def switch(
+    reps: Sequence[fabric.Connection],
+    remote: str,
+    release: Release,
+    fanout: int,
+    event: EventCallback,
+) -> dict[str, Failure | None]:
+    """Point ``current`` at the new release on each node; None where that succeeded."""
+    tmp = f".current-{secrets.token_hex(6)}"
+    command = sh.switch_command(remote, f"releases/{release.name}", tmp)
+
+    def one(conn: fabric.Connection) -> None:
+        run_step(conn, command, "switching current", COMMAND_TIMEOUT)
+        event(connection_node(conn), "switched")
+
+    return _failures(map_nodes(reps, one, fanout=fanout))
+
+
+def revert(
+    conns: Sequence[fabric.Connection], remote: str, previous: dict[str, str], fanout: int
+) -> dict[str, Failure | None]:
+    """Switch ``conns`` back to ``previous[node]`` (a link; "" removes ``current``).
+
+    None where that succeeded; a :class:`Failure` marks a node still on the new release.
+    """
+    tmp = f".current-{secrets.token_hex(6)}"
+
+    def one(conn: fabric.Connection) -> None:
+        link = previous[connection_node(conn)]
+        if link:
+            command = sh.switch_command(remote, link, tmp)
+        else:
+            command = sh.unlink_current_command(remote)
+        run_step(conn, command, "switching back", COMMAND_TIMEOUT)
+
+    outcome = _failures(map_nodes(conns, one, fanout=fanout))
+    for node, failure in outcome.items():
+        if failure is not None:
+            log.warning("%s: could not switch back: %s", node, failure.reason)
+    return outcome
+
+
+def prune(
+    reps: Sequence[fabric.Connection], remote: str, keep: int, nonces: Sequence[str], fanout: int
+) -> dict[str, Failure | None]:
+    """Remove old releases beyond ``keep`` and the nonce files; a failure is only a warning."""
+    command = sh.prune_command(remote, keep, nonces)
+
+    def one(conn: fabric.Connection) -> None:
+        run_step(conn, command, "pruning old releases", REMOVE_TIMEOUT)
+
+    return _failures(map_nodes(reps, one, fanout=fanout))
+
+
+def elapsed(start: float) -> float:
+    return time.monotonic() - start
