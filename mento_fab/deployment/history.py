@@ -16,13 +16,13 @@ from collections.abc import Iterable
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node
 from mento_fab.deployment import phases
 from mento_fab.deployment import remote as sh
 from mento_fab.deployment.envfiles import default_target
 from mento_fab.deployment.phases import Failure
 from mento_fab.deployment.report import DeployReport, NodeDeploy, NodeReleases, NodeState
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node
 from mento_fab.results import NodeResult, RunReport
 from mento_fab.runner import execute, map_nodes
 from mento_fab.session import Session

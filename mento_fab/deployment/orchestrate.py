@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node
 from mento_fab.deployment import phases
 from mento_fab.deployment.envfiles import beamtime_files, default_target
 from mento_fab.deployment.phases import EventCallback, Failure, Plan, Probe, StageOptions
@@ -32,7 +33,6 @@ from mento_fab.deployment.scan import Release, build_release
 from mento_fab.deployment.secrets import SecretScan
 from mento_fab.errors import BadInput
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node
 from mento_fab.results import NodeResult, RunReport
 from mento_fab.session import Session
 

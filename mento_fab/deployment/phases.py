@@ -20,12 +20,12 @@ from typing import Any
 
 import fabric
 
+from mento_fab.connection import connection_node, describe_error, ensure_open
 from mento_fab.deployment import remote as sh
 from mento_fab.deployment.scan import Release
 from mento_fab.errors import NodeError
-from mento_fab.nodes import connection_node
 from mento_fab.results import NodeResult
-from mento_fab.runner import describe_error, ensure_open, execute, map_nodes
+from mento_fab.runner import execute, map_nodes
 
 __all__ = [
     "CHUNK",
