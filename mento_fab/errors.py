@@ -29,15 +29,20 @@ from typing import Any
 
 __all__ = [
     "BadInput",
+    "BadPath",
+    "BadPort",
     "DeployError",
     "DeployLocked",
     "HostKeyRefused",
+    "LocalExists",
     "MentoError",
     "MetadataError",
     "MissingFile",
     "NoOnlineAnalysis",
     "NoSubmitNode",
     "NodeError",
+    "PortInUse",
+    "RemoteNotFound",
     "ReservationError",
     "SelectionError",
     "SlurmError",
@@ -92,6 +97,26 @@ class SelectionError(BadInput):
 
 class UnsafeSourceError(BadInput):
     """A deploy source that must not be shipped (it holds the key or a token, or escapes)."""
+
+
+class BadPath(BadInput):
+    """A path given to put/get that cannot be used as it is (e.g. ``..`` escaping LOCAL_DIR)."""
+
+
+class RemoteNotFound(BadPath):
+    """A remote path or pattern that names nothing on any selected node."""
+
+
+class LocalExists(BadPath, FileExistsError):
+    """A local file a transfer would replace, without ``overwrite``; nothing was written."""
+
+
+class BadPort(BadInput):
+    """A TCP port out of range for a tunnel."""
+
+
+class PortInUse(BadPort):
+    """The local port a tunnel should listen on is taken."""
 
 
 class NodeError(MentoError, RuntimeError):

@@ -22,7 +22,7 @@ from mento_fab.defaults import BAD_INPUT_EXIT
 
 __all__ = ["main", "namespace", "program"]
 
-_TASK_MODULES = ("core", "slurm", "deploy")
+_TASK_MODULES = ("core", "slurm", "deploy", "access")
 
 
 def namespace() -> Collection:
@@ -78,6 +78,8 @@ class MentoProgram(Program):
     def execute(self) -> None:
         # invoke's own --debug also asks for tracebacks of unexpected errors.
         exits.set_debug(bool(self.args.debug.value))
+        # invoke keeps what follows `--` to itself: `ssh cn01 -- ls -l` reads it here.
+        self.config.mento_fab_remainder = self.core.remainder
         super().execute()
 
 
