@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 from pathlib import Path
 
 __all__ = ["Cache", "base_dir"]
@@ -85,6 +84,8 @@ class Cache:
         path = self.path(entry)
         if path is None:
             return False
+        import tempfile  # only writers pay for it (tempfile imports shutil, random)
+
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             if not self.trusted():

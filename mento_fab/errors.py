@@ -45,9 +45,11 @@ __all__ = [
     "RemoteNotFound",
     "ReservationError",
     "SelectionError",
+    "SeveralMetadataFiles",
     "SlurmError",
     "SlurmUnavailable",
     "TriggerError",
+    "UnmappablePath",
     "UnsafeSourceError",
 ]
 
@@ -80,6 +82,20 @@ class MetadataError(BadInput):
 
 class MissingFile(BadInput, FileNotFoundError):
     """A local file the caller named (key, ssh_config, script, source) does not exist."""
+
+
+class SeveralMetadataFiles(BadInput, RuntimeError):
+    """A session directory holds more than one metadata file (IT writes one): never a guess.
+
+    A ``RuntimeError`` too, as the original ``mento.metadata`` raised.
+    """
+
+
+class UnmappablePath(BadInput, FileNotFoundError):
+    """A path that cannot be mapped to the cluster: the directory to split at is not in it.
+
+    A ``FileNotFoundError`` too, as the original ``mento.utils`` raised.
+    """
 
 
 class NoOnlineAnalysis(BadInput):

@@ -1,11 +1,13 @@
 """Beamtime metadata: the public API of the original ``mento.metadata``.
 
 Code written against ``mento.metadata`` keeps working after changing only the
-import. The dataclasses and the four functions keep their names, fields and
-defaults; what changed underneath is that the file is validated by the
-marshmallow schemas in :mod:`mento_fab.schemas`, every problem is reported as
-one :class:`MetadataError` naming the file and the JSON key, and the library
-logs instead of printing.
+import. The dataclasses (defined in :mod:`mento_fab.beamtime`) and the four
+functions keep their names, fields and defaults; what changed underneath is
+that the file is validated by the marshmallow schemas in :mod:`mento_fab.schemas`
+(or, for an unchanged file, rebuilt from :mod:`mento_fab.metacache` without
+marshmallow), every problem is reported as one :class:`MetadataError` naming the
+file and the JSON key, and the library logs instead of printing.
+docs/compatibility.md lists every difference from the original and why.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from mento_fab.errors import MetadataError
+from mento_fab import metacache
+from mento_fab.beamtime import AsapoInfo, BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
+from mento_fab.defaults import MAX_METADATA_BYTES
+from mento_fab.errors import MetadataError, MissingFile, SeveralMetadataFiles
 
 __all__ = [
     "AsapoInfo",
@@ -39,54 +43,6 @@ CORE_FS_BEAMTIME = re.compile(
 )
 
 
-@dataclass
-class SSHInfo:
-    """Contains authentication information for remotely connecting to reserved nodes via SSH."""
-
-    user: str  # Temporary user, only available during beamtime (if reserved)
-    key: str  # Absolute path of the private key file; its contents are never read here
-
-
-@dataclass
-class SlurmInfo:
-    """Contains details of Slurm resource allocation, including reservation and partition."""
-
-    partition: str
-    reservation: str
-
-
-@dataclass
-class AsapoInfo:
-    """Contains connection details for ASAPO (token *file paths*, never tokens)."""
-
-    endpoint: str
-    token_ro: str
-    token_rw: str
-
-
-@dataclass
-class OnlineInfo:
-    """Contains SSH, Slurm, temporary beamline filesystem info, names of reserved nodes."""
-
-    ssh: SSHInfo
-    slurm: SlurmInfo
-    nodes: list = field(default_factory=list)  # Nodes reserved for beamtime duration
-    blfs_mountpoint: str | None = None  # Beamline filesystem mounted on reserved nodes
-
-
-@dataclass
-class BeamtimeMetadata:
-    """Contains all relevant metadata about current beamtime, and computing resources
-    allocated to the beamtime for online processing."""
-
-    beamline: str
-    beamtime: str
-    corefs_path: str
-    tag: str  # 'current' or 'commissioning'
-    online: OnlineInfo | None = None
-    asapo: AsapoInfo | None = None
-
-
 def get_active_session_root(root_dir: str | os.PathLike[str] = "/gpfs") -> Path:
     """Return the directory of the active session under ``root_dir``.
 
@@ -99,12 +55,12 @@ def get_active_session_root(root_dir: str | os.PathLike[str] = "/gpfs") -> Path:
         if candidate.is_dir():
             return candidate
     if not top_dir.exists():
-        raise FileNotFoundError(f"{top_dir} not found")
+        raise MissingFile(f"{top_dir} not found")
     for absolute in dict.fromkeys((os.path.abspath(top_dir), str(top_dir.resolve()))):
         match = CORE_FS_BEAMTIME.match(absolute)
         if match:
             return Path(match.group(1))
-    raise FileNotFoundError(f"No user beamtime or commissioning directory found under {root_dir}")
+    raise MissingFile(f"No user beamtime or commissioning directory found under {root_dir}")
 
 
 def locate_metadata_file(root_dir: str | os.PathLike[str] = "/gpfs") -> str:
@@ -116,29 +72,45 @@ def locate_metadata_file(root_dir: str | os.PathLike[str] = "/gpfs") -> str:
     session_root = get_active_session_root(root_dir)
     found = sorted(p for p in session_root.glob("*metadata*.json") if p.is_file())
     if not found:
-        raise FileNotFoundError(f"Metadata file not found under {session_root}")
+        raise MissingFile(f"Metadata file not found under {session_root}")
     if len(found) > 1:
         names = ", ".join(p.name for p in found)
-        raise RuntimeError(f"Multiple metadata files found under {session_root}: {names}")
+        raise SeveralMetadataFiles(f"Multiple metadata files found under {session_root}: {names}")
     return str(found[0])
+
+
+def _read(path: Path) -> bytes:
+    """The file's bytes, refusing one larger than ``MAX_METADATA_BYTES`` without reading it."""
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_METADATA_BYTES:
+                raise MetadataError(path, _too_large(size))
+            raw = handle.read(MAX_METADATA_BYTES + 1)  # a pipe or a growing file: bounded too
+    except (FileNotFoundError, NotADirectoryError):
+        raise MissingFile(f"Metadata file not found: {path}") from None
+    except IsADirectoryError:
+        raise MetadataError(path, "is a directory, not a metadata file") from None
+    if len(raw) > MAX_METADATA_BYTES:
+        raise MetadataError(path, _too_large(None))
+    return raw
+
+
+def _too_large(size: int | None) -> str:
+    what = f"{size} bytes" if size is not None else "more than that"
+    return f"too large for a metadata file ({what}; the limit is {MAX_METADATA_BYTES} bytes)"
 
 
 def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMetadata:
     """Parse a beamtime metadata file into :class:`BeamtimeMetadata`.
 
-    Raises ``FileNotFoundError`` when the file or a file it names is missing and
-    :class:`MetadataError` for anything wrong inside it.
+    Raises ``FileNotFoundError`` when the file or a file the objects hold (the
+    key, the token files) is missing and :class:`MetadataError` for anything
+    wrong inside it. A file the objects do not hold (the public key, the legacy
+    token path) may be missing.
     """
-    from mento_fab import metacache
-
     path = Path(metadatafile_path)
-    try:
-        raw = path.read_bytes()
-    except (FileNotFoundError, NotADirectoryError):
-        raise FileNotFoundError(f"Metadata file not found: {path}") from None
-    except IsADirectoryError:
-        raise MetadataError(path, "is a directory, not a metadata file") from None
-
+    raw = _read(path)
     cached = metacache.lookup(path, raw)
     if cached is None:
         from mento_fab.schemas import load_document  # marshmallow: only for new content
@@ -148,13 +120,16 @@ def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMe
     else:
         md, files = cached
     # After validation: a missing file is FileNotFoundError, not MetadataError.
-    for key, file in files:
+    for key, file, required in files:
         try:
             present = os.path.isfile(file)
         except (OSError, ValueError):
             present = False
-        if not present:
-            raise FileNotFoundError(f"{file} not found (named by {key} in {path})")
+        if present:
+            continue
+        if required:
+            raise MissingFile(f"{file} not found (named by {key} in {path})")
+        log.debug("%s: %s names %s, which is missing (not needed)", path, key, file)
     if md.online is None:
         log.info("%s: no onlineAnalysis block: no compute nodes reserved", path)
     if md.asapo is None:

@@ -27,19 +27,17 @@ from marshmallow import (
 )
 from marshmallow.experimental.context import Context
 
-from mento_fab.metadata import (
-    AsapoInfo,
-    BeamtimeMetadata,
-    MetadataError,
-    OnlineInfo,
-    SlurmInfo,
-    SSHInfo,
-)
+from mento_fab.beamtime import BeamtimeMetadata, from_dict
+from mento_fab.errors import BadInput, MetadataError
 from mento_fab.names import BEAMLINE_RE, CONTROL_RE, HOSTNAME_RE, IDENTIFIER_RE, USERNAME_RE
+
+__all__ = ["BeamtimeMetadataSchema", "Files", "flatten_errors", "load_document"]
 
 log = logging.getLogger(__name__)
 
-_CONTROL = CONTROL_RE
+#: The files a document names: ``(key path, absolute path, required)``. A required file
+#: is one the objects hold (the key, the token files); the others only have their form checked.
+Files = list[tuple[str, str, bool]]
 
 #: Keys of older files and the names they have now.
 LEGACY_KEYS = {
@@ -55,7 +53,7 @@ class LoadContext:
     """Per-load state: where relative ``*Path`` values start, and which files they named."""
 
     base: Path
-    files: list[tuple[str, str]] = field(default_factory=list)
+    files: Files = field(default_factory=list)
 
 
 #: marshmallow 4 replaced ``Schema.context`` with context variables.
@@ -95,16 +93,29 @@ class HostName(fields.String):
 
 
 class SessionFile(fields.String):
-    """A ``*Path`` value: relative to the metadata file's directory, held as an absolute path."""
+    """A ``*Path`` value: relative to the metadata file's directory, held as an absolute path.
+
+    ``must_exist=False`` for a file the objects do not hold (the public key, the
+    legacy token path): its form is checked, its absence is no error.
+    """
+
+    def __init__(self, *, must_exist: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.must_exist = must_exist
 
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> str:
         text = super()._deserialize(value, attr, data, **kwargs)
-        if not text or _CONTROL.search(text):  # NUL, or a newline that would split a message
+        if not text or CONTROL_RE.search(text):  # NUL, or a newline that would split a message
             raise ValidationError("Not a valid file path.")
         context = LoadingFile.get()
         resolved = str(context.base / text)
+        if CONTROL_RE.search(resolved):
+            raise ValidationError(
+                "Not a valid file path: the session directory's path holds a control character."
+            )
         section = getattr(self.parent, "section", "")
-        context.files.append((f"{section}.{self.data_key or attr}".lstrip("."), resolved))
+        key = f"{section}.{self.data_key or attr}".lstrip(".")
+        context.files.append((key, resolved, self.must_exist))
         return resolved
 
 
@@ -135,17 +146,21 @@ class OnlineAnalysisSchema(_Schema):
         validate=validate.Regexp(USERNAME_RE, error="Not a valid POSIX user name."),
     )
     key = SessionFile(data_key="sshPrivateKeyPath", required=True)
-    public_key = SessionFile(data_key="sshPublicKeyPath", load_default=None)
-    legacy_asapo_token = SessionFile(data_key="asapoBeamtimeTokenPath", load_default=None)
+    # Held by no object: validated for form only, never required to exist.
+    public_key = SessionFile(data_key="sshPublicKeyPath", load_default=None, must_exist=False)
+    legacy_asapo_token = SessionFile(
+        data_key="asapoBeamtimeTokenPath", load_default=None, must_exist=False
+    )
 
     @post_load
-    def make_online(self, data: dict[str, Any], **kwargs: Any) -> OnlineInfo:
+    def make_online(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
         # blfs_mountpoint depends on the beamline: the parent schema fills it in.
-        return OnlineInfo(
-            ssh=SSHInfo(user=data["user"], key=data["key"]),
-            slurm=SlurmInfo(partition=data["partition"], reservation=data["reservation"]),
-            nodes=list(data["nodes"]),
-        )
+        return {
+            "ssh": {"user": data["user"], "key": data["key"]},
+            "slurm": {"partition": data["partition"], "reservation": data["reservation"]},
+            "nodes": list(data["nodes"]),
+            "blfs_mountpoint": None,
+        }
 
 
 class AsapoSchema(_Schema):
@@ -156,10 +171,8 @@ class AsapoSchema(_Schema):
     token_ro = SessionFile(data_key="beamtimeClbtTokenPath", required=True)
 
     @post_load
-    def make_asapo(self, data: dict[str, Any], **kwargs: Any) -> AsapoInfo:
-        return AsapoInfo(
-            endpoint=data["endpoint"], token_ro=data["token_ro"], token_rw=data["token_rw"]
-        )
+    def make_asapo(self, data: dict[str, Any], **kwargs: Any) -> dict[str, Any]:
+        return {k: data[k] for k in ("endpoint", "token_ro", "token_rw")}
 
 
 class BeamtimeMetadataSchema(_Schema):
@@ -200,22 +213,26 @@ class BeamtimeMetadataSchema(_Schema):
     @post_load
     def make_metadata(self, data: dict[str, Any], **kwargs: Any) -> BeamtimeMetadata:
         beamline = data["beamline"]
-        online: OnlineInfo | None = data["online"]
+        online: dict[str, Any] | None = data["online"]
         if online is not None:
             # A fixed rule of the facility, not a key: commissioning files write "P04".
-            online.blfs_mountpoint = f"/beamline/{beamline.lower()}"
+            online["blfs_mountpoint"] = f"/beamline/{beamline.lower()}"
         if data["beamtime_id"] is not None:
             beamtime, tag = data["beamtime_id"], "current"
         else:
             beamtime, tag = data["commissioning_id"], "commissioning"
-        return BeamtimeMetadata(
-            beamline=beamline,
-            beamtime=beamtime,
-            corefs_path=data["corefs_path"],
-            tag=tag,
-            online=online,
-            asapo=data["asapo"],
-        )
+        plain = {
+            "beamline": beamline,
+            "beamtime": beamtime,
+            "corefs_path": data["corefs_path"],
+            "tag": tag,
+            "online": online,
+            "asapo": data["asapo"],
+        }
+        try:
+            return from_dict(plain)  # the one constructor, shared with the metadata cache
+        except BadInput as exc:  # the rules here and there disagree: say so, as data
+            raise ValidationError(str(exc)) from None
 
 
 def flatten_errors(messages: Any, prefix: str = "") -> list[tuple[str, str]]:
@@ -257,11 +274,61 @@ def _decode(path: Path, raw: bytes) -> Any:
         raise MetadataError(path, f"invalid JSON: {type(exc).__name__}") from None
 
 
-def load_document(path: Path, raw: bytes) -> tuple[BeamtimeMetadata, list[tuple[str, str]]]:
+def control_characters(value: Any, path: tuple[str | int, ...] = ()) -> dict[Any, Any]:
+    """Every string in the document (values and keys) holding a control character.
+
+    metadata-format.md's files hold plain text; an escape sequence in any value
+    (``title``, ``corePath``…) would reach a terminal raw. Returned in the shape of
+    marshmallow's error dict, so it merges with the schema's errors.
+    """
+    if isinstance(value, str):
+        return {path: ["Control character in a text value."]} if CONTROL_RE.search(value) else {}
+    found: dict[Any, Any] = {}
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if CONTROL_RE.search(key):
+                found[(*path, "_schema")] = [f"Control character in a key: {_shown(key)}."]
+            else:
+                found.update(control_characters(item, (*path, key)))
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found.update(control_characters(item, (*path, index)))
+    return found
+
+
+def _nest(flat: dict[tuple[str | int, ...], list[str]]) -> dict[Any, Any]:
+    """``{("a", 0): [msg]}`` as marshmallow nests it: ``{"a": {0: [msg]}}``."""
+    nested: dict[Any, Any] = {}
+    for path, messages in flat.items():
+        node = nested
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node.setdefault(path[-1], []).extend(messages)
+    return nested
+
+
+def _merge(into: dict[Any, Any], more: dict[Any, Any]) -> dict[Any, Any]:
+    for key, value in more.items():
+        mine = into.get(key)
+        if mine is None:
+            into[key] = value
+        elif isinstance(mine, dict) and isinstance(value, dict):
+            _merge(mine, value)
+        elif isinstance(mine, list) and isinstance(value, list):
+            mine.extend(value)
+    return into
+
+
+def _problems(path: Path, messages: dict[Any, Any]) -> MetadataError:
+    text = "; ".join(f"{key}: {msg.rstrip('.')}" for key, msg in flatten_errors(messages))
+    return MetadataError(path, text, messages)
+
+
+def load_document(path: Path, raw: bytes) -> tuple[BeamtimeMetadata, Files]:
     """Validate the bytes of one metadata file and load them.
 
-    Returns the object and the files the document names as ``(key path, absolute
-    path)``; whether those files exist is checked by the caller, after validation.
+    Returns the object and the files the document names (:data:`Files`); whether
+    those files exist is checked by the caller, after validation.
     """
     document = _decode(path, raw)
     if not isinstance(document, dict):
@@ -270,14 +337,15 @@ def load_document(path: Path, raw: bytes) -> tuple[BeamtimeMetadata, list[tuple[
         )
         raise MetadataError(path, f"the top level must be a JSON object, not {kind}")
     context = LoadContext(base=path.resolve().parent)
-    try:
-        with LoadingFile(context):
-            md: BeamtimeMetadata = BeamtimeMetadataSchema().load(document)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{key}: {msg.rstrip('.')}" for key, msg in flatten_errors(exc.messages)
-        )
-        raise MetadataError(path, problems, exc.messages) from None
+    schema = BeamtimeMetadataSchema()
+    with LoadingFile(context):
+        controls = control_characters(document)
+        if controls:  # report them with whatever else is wrong, before building anything
+            raise _problems(path, _merge(schema.validate(document), _nest(controls)))
+        try:
+            md: BeamtimeMetadata = schema.load(document)
+        except ValidationError as exc:
+            raise _problems(path, exc.messages) from None  # type: ignore[arg-type]
     online_raw = document.get("onlineAnalysis")
     if md.asapo is None and isinstance(online_raw, dict) and "asapoBeamtimeTokenPath" in online_raw:
         log.info("%s: pre-2021 onlineAnalysis.asapoBeamtimeTokenPath ignored", path)

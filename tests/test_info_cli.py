@@ -17,6 +17,7 @@ import pytest
 from ClusterShell.NodeSet import NodeSet
 
 from mento_fab.cli import program
+from mento_fab.metadata import MetadataError, parse_metadata_file
 
 ENV_VARS = ("MENTO_METADATA", "MENTO_ROOT_DIR", "MENTO_SSH_CONFIG")
 
@@ -378,3 +379,33 @@ def test_command_line_mistakes_are_bad_input(argv: list[str]) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith("mento-fab: ") and proc.stderr.count("\n") == 1
     assert "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------------------- hostile text
+
+
+def test_a_control_character_in_a_value_is_bad_input(beamtime, capsys):
+    """Issue 8: a forged line or a cleared screen in the metadata never reaches the terminal."""
+    doc = copy.deepcopy(beamtime.doc)
+    doc["title"] = "x\x1b[2J\x1b[H"
+    doc["asapo"]["endpoint"] = "host:8400\nReservation  forged"
+    beamtime.rewrite(doc)
+    code, out, err = run_cli(capsys, "info", "--root-dir", str(beamtime.root))
+    assert (code, out) == (2, "")
+    assert "title: Control character" in err and "asapo.endpoint: Control character" in err
+    assert "\x1b" not in err and err.count("\n") == 1
+
+
+def test_info_escapes_control_characters_in_the_file_path(session_at, tmp_path, capsys):
+    session = session_at(tmp_path / "gpfs", name="beamtime-metadata-\x1b[2J.json")
+    code, out, err = run_cli(capsys, "info", "--root-dir", str(session.root))
+    assert (code, err) == (0, "")
+    assert "\x1b" not in out
+    assert _fields(out)["Metadata"].endswith("beamtime-metadata-\\x1b[2J.json")
+
+
+def test_a_session_directory_with_a_control_character_is_bad_input(session_at, tmp_path):
+    session = session_at(tmp_path / "gpfs\x1b[2J")
+    with pytest.raises(MetadataError) as info:
+        parse_metadata_file(session.metadata)
+    assert "onlineAnalysis.sshPrivateKeyPath: Not a valid file path: the session" in str(info.value)

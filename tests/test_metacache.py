@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,37 @@ def test_a_cache_directory_others_can_write_is_ignored(session: Path, monkeypatc
     _no_marshmallow(monkeypatch)
     with pytest.raises(AssertionError, match="validated again"):
         parse_metadata_file(session)
+
+
+def test_a_cached_load_imports_no_marshmallow_in_a_fresh_process(session: Path) -> None:
+    parse_metadata_file(session)
+    code = (
+        "import sys; from mento_fab.metadata import parse_metadata_file; "
+        f"md = parse_metadata_file({str(session)!r}); "
+        "print(md.beamtime, sorted(m for m in sys.modules if m.startswith('marshmallow')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.split() == ["1", "[]"]
+
+
+def test_the_cache_and_the_schemas_do_not_import_metadata() -> None:
+    """One direction: metadata -> (metacache, schemas) -> beamtime; no cycle behind lazy imports."""
+    code = (
+        "import sys, mento_fab.metacache, mento_fab.schemas; "
+        "print('mento_fab.metadata' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout
+    assert out.strip() == "False"
+
+
+def test_a_tampered_entry_with_a_control_character_is_not_believed(session: Path) -> None:
+    parse_metadata_file(session)
+    (entry,) = metacache.directory().glob("*.json")
+    data = json.loads(entry.read_text())
+    data["metadata"]["corefs_path"] = "/asap3/\x1b[2J"
+    entry.write_text(json.dumps(data))
+    assert parse_metadata_file(session).corefs_path == "/asap3/petra3/gpfs/p11/2026/data/1"

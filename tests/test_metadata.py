@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 import mento_fab.metadata as metadata_module
+from mento_fab.defaults import MAX_METADATA_BYTES
 from mento_fab.metadata import (
     AsapoInfo,
     BeamtimeMetadata,
@@ -701,7 +702,6 @@ def test_valid_user_accounts(beamtime, user):
     ("name", "key_path"),
     [
         ("id_rsa", "onlineAnalysis.sshPrivateKeyPath"),
-        ("id_rsa.pub", "onlineAnalysis.sshPublicKeyPath"),
         ("asapo-token.txt", "asapo.beamtimeTokenPath"),
         ("asapo-token-clbt.txt", "asapo.beamtimeClbtTokenPath"),
     ],
@@ -717,6 +717,36 @@ def test_missing_key_or_token_file(beamtime, name, key_path, secrets, capsys):
     assert not isinstance(info.value, MetadataError)
     _assert_no_secret(text, secrets)
     assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [("sshPublicKeyPath", "id_rsa.pub"), ("asapoBeamtimeTokenPath", "legacy-token.txt")],
+)
+def test_a_file_the_objects_do_not_hold_may_be_missing(beamtime, key, name, caplog, capsys):
+    """Issue 9: the public key and the legacy token path are never required to exist."""
+    caplog.set_level(logging.DEBUG, logger="mento_fab")
+    doc = copy.deepcopy(beamtime.doc)
+    doc["onlineAnalysis"][key] = f"shared/{name}"
+    (beamtime.dir / "shared" / "id_rsa.pub").unlink()
+    beamtime.rewrite(doc)
+    for _ in range(2):  # validated, then from the cache
+        caplog.clear()
+        md = parse_metadata_file(beamtime.metadata)
+        assert md.online is not None and md.online.ssh.key == str(beamtime.key)
+        missing = [r for r in caplog.records if f"onlineAnalysis.{key}" in r.getMessage()]
+        assert [r.levelno for r in missing] == [logging.DEBUG]
+    assert capsys.readouterr() == ("", "")
+
+
+@pytest.mark.parametrize("value", ["", "shared/id\x00rsa.pub", 5, ["a"]])
+@pytest.mark.parametrize("key", ["sshPublicKeyPath", "asapoBeamtimeTokenPath"])
+def test_the_form_of_an_optional_file_key_is_still_checked(beamtime, key, value):
+    doc = copy.deepcopy(beamtime.doc)
+    doc["onlineAnalysis"][key] = value
+    error = _metadata_error(beamtime, doc)
+    assert f"onlineAnalysis.{key}" in str(error)
+    assert _one_line(str(error))
 
 
 def test_a_directory_is_not_a_key_file(beamtime):
@@ -791,3 +821,89 @@ def test_secrets_never_appear(beamtime, secrets, caplog, capsys):
         _assert_no_secret(text, secrets)
     _assert_no_secret(caplog.text, secrets)
     assert capsys.readouterr() == ("", "")
+
+
+# ---------------------------------------------------------------------------- hostile text
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value"),
+    [
+        ("title", "Example\x1b[2J\x1b[H"),  # clears the screen
+        ("corePath", "/asap3/x\x1b]0;pwned\x07"),  # sets the window title
+        ("asapo.endpoint", "host:8400\r\nBeamtime  forged"),  # forges a line
+        ("users.doorDb[0]", "jdoe\x9b31m"),  # C1 CSI
+        ("leader.email", "a\x00b"),
+        ("beamlineSetup", "line one\nline two"),
+    ],
+)
+def test_control_characters_in_any_value_are_bad_input(beamtime, key_path, value, capsys):
+    """Issue 8: escapes in any string value are refused at load time, naming the key."""
+    doc = copy.deepcopy(beamtime.doc)
+    target, parts = doc, re.findall(r"[^.\[\]]+", key_path)
+    for part in parts[:-1]:
+        target = target[int(part)] if part.isdigit() else target[part]
+    last = parts[-1]
+    if last.isdigit():
+        target[int(last)] = value
+    else:
+        target[last] = value
+    error = _metadata_error(beamtime, doc)
+    text = str(error)
+    assert f"{key_path}: Control character" in text
+    assert _one_line(text) and not re.search(r"[\x00-\x1f\x7f-\x9f]", text)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_a_control_character_in_a_key_is_named_escaped(beamtime):
+    doc = copy.deepcopy(beamtime.doc)
+    doc["applicant"]["e\x1b[2Jmail"] = "x"
+    error = _metadata_error(beamtime, doc)
+    assert "applicant: Control character in a key: 'e\\x1b[2Jmail'" in str(error)
+    assert "\x1b" not in str(error)
+
+
+def test_several_problems_with_a_control_character_are_reported_together(beamtime):
+    doc = copy.deepcopy(beamtime.doc)
+    doc["title"] = "\x1b[2J"
+    del doc["corePath"]
+    doc["onlineAnalysis"]["reservedNodes"] = ["ok", "bad\x1bnode"]
+    error = _metadata_error(beamtime, doc)
+    assert set(error.messages) >= {"title", "corePath", "onlineAnalysis"}
+    assert len(error.messages["onlineAnalysis"]["reservedNodes"][1]) == 2
+
+
+# ---------------------------------------------------------------------------- size limit
+
+
+def test_a_huge_metadata_file_is_refused_without_reading_it(beamtime):
+    """Issue 8: a 200 MB file is refused by its size, not read (it used to cost 630 MB)."""
+    import tracemalloc
+
+    with beamtime.metadata.open("r+b") as handle:
+        handle.truncate(200 * 1024 * 1024)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(MetadataError) as info:
+            parse_metadata_file(beamtime.metadata)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "too large for a metadata file (209715200 bytes" in str(info.value)
+    assert str(MAX_METADATA_BYTES) in str(info.value)
+    assert peak < 1024 * 1024
+
+
+def test_a_file_at_the_limit_is_read(beamtime):
+    raw = json.dumps(beamtime.doc).encode()
+    beamtime.rewrite(raw + b" " * (MAX_METADATA_BYTES - len(raw)))
+    assert parse_metadata_file(beamtime.metadata).beamtime == "11019999"
+    beamtime.rewrite(raw + b" " * (MAX_METADATA_BYTES - len(raw) + 1))
+    with pytest.raises(MetadataError, match="too large"):
+        parse_metadata_file(beamtime.metadata)
+
+
+def test_an_endless_file_is_read_only_up_to_the_limit():
+    """A character device (or a pipe) has no size to check first: the read itself is bounded."""
+    with pytest.raises(MetadataError, match="too large for a metadata file"):
+        parse_metadata_file("/dev/zero")

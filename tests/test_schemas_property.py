@@ -244,8 +244,18 @@ KNOWN_KEYS = {
     "beamtimeTokenPath",
     "beamtimeClbtTokenPath",
 }
+#: Text without control characters: a control character anywhere is bad input (issue 8),
+#: tested on its own below.
+plain_text = st.text(alphabet=st.characters(blacklist_categories=("Cc", "Cs")), max_size=20)
+plain_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | plain_text,
+    lambda children: (
+        st.lists(children, max_size=5) | st.dictionaries(plain_text, children, max_size=5)
+    ),
+    max_leaves=25,
+)
 unknown_keys = st.dictionaries(
-    st.text(max_size=12).filter(lambda k: k not in KNOWN_KEYS), json_values, max_size=4
+    plain_text.filter(lambda k: k not in KNOWN_KEYS), plain_values, max_size=4
 )
 
 
@@ -263,3 +273,46 @@ def test_unknown_keys_anywhere_change_nothing(session_dir, base, top, online, as
     doc["onlineAnalysis"].update(online)
     doc["asapo"].update(asapo)
     assert _check(_write(session_dir, doc)) == expected
+
+
+CONTROL_CHARACTERS = st.characters(whitelist_categories=("Cc",))
+
+
+@SETTINGS
+@given(
+    base=st.sampled_from([VALID_DOC, COMMISSIONING_DOC]),
+    section=st.sampled_from(["", "onlineAnalysis", "asapo"]),
+    name=st.sampled_from(["title", "futureKey", "corePath", "endpoint", "userAccount"]),
+    before=plain_text,
+    control=CONTROL_CHARACTERS,
+    after=plain_text,
+)
+def test_a_control_character_in_any_value_is_bad_input(
+    session_dir, base, section, name, before, control, after
+):
+    doc = copy.deepcopy(base)
+    (doc[section] if section else doc)[name] = before + control + after
+    path = _write(session_dir, doc)
+    with pytest.raises(MetadataError) as info:
+        parse_metadata_file(path)
+    text = str(info.value)
+    assert f"{section}.{name}".lstrip(".") in text
+    assert control not in text.removeprefix(str(path))
+    _check(path)
+
+
+@SETTINGS
+@given(
+    base=st.sampled_from([VALID_DOC, COMMISSIONING_DOC]),
+    before=plain_text,
+    control=CONTROL_CHARACTERS,
+    value=plain_values,
+)
+def test_a_control_character_in_any_key_is_bad_input(session_dir, base, before, control, value):
+    doc = copy.deepcopy(base)
+    doc["onlineAnalysis"][before + control] = value
+    path = _write(session_dir, doc)
+    with pytest.raises(MetadataError) as info:
+        parse_metadata_file(path)
+    assert "onlineAnalysis: Control character in a key" in str(info.value)
+    assert control not in str(info.value).removeprefix(str(path))

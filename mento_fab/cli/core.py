@@ -16,6 +16,7 @@ __all__ = ["check", "info", "run_on_nodes"]
 @mento_task(shared=COMMON)
 def info(c: Context, opts: Options):
     """Show the active beamtime: ids, paths, reserved nodes, Slurm, ASAPO (token paths only)."""
+    from mento_fab.names import printable
     from mento_fab.nodes import fold
 
     session = opts.session()
@@ -55,7 +56,9 @@ def info(c: Context, opts: Options):
         ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
-        print(f"{key.ljust(width)}  {value}")
+        # Values are free of control characters (checked at load); the paths of the
+        # session directory and the file are not, and a terminal must not run them.
+        print(f"{key.ljust(width)}  {printable(value)}")
 
 
 @mento_task(shared=NODES)
