@@ -24,7 +24,8 @@ _EXPORTS = {
     ),
     **dict.fromkeys(
         ("MentoError", "BadInput", "MetadataError", "NoOnlineAnalysis", "SelectionError",
-         "NodeError", "HostKeyRefused", "SlurmError", "DeployError", "TriggerError"),
+         "NodeError", "HostKeyRefused", "SlurmError", "DeployError", "TriggerError",
+         "MissingFile", "SeveralMetadataFiles", "UnmappablePath"),
         "errors",
     ),
     **dict.fromkeys(("NodeResult", "RunReport"), "results"),
@@ -35,6 +36,8 @@ _EXPORTS = {
     **dict.fromkeys(("deploy", "rollback"), "deployment"),
     "Slurm": "slurm",
     **dict.fromkeys(("Trigger", "TriggerMethod"), "trigger"),
+    # The rest of the original ``mento`` package's top-level names.
+    **dict.fromkeys(("get_ssh_command", "get_sbatch_command"), "commands"),
 }  # fmt: skip
 
 __all__ = ["__version__", *sorted(_EXPORTS)]

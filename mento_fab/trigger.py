@@ -40,6 +40,7 @@ from typing import Any
 
 import fabric
 
+from mento_fab.commands import get_sbatch_command, get_ssh_command  # noqa: F401 (re-exported)
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import SelectionError, nodes_group
 from mento_fab.runner import NodeResult, describe_error, ensure_open, execute, open_channel
