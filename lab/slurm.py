@@ -207,3 +207,40 @@ def _wait(
         if time.monotonic() > deadline:
             raise LabError(f"timed out after {timeout}s waiting for {what}; logs in {lab.workdir}")
         time.sleep(0.1)
+
+
+def stop_controller(lab: Lab) -> None:
+    """Stop slurmctld alone (munged and the slurmds stay): Slurm's clients cannot reach it."""
+    pid = lab.slurm_pids.pop("slurmctld", None)
+    if pid is not None:
+        _kill([pid])
+        proc = lab._procs.pop(pid, None)
+        if proc:
+            proc.wait(timeout=5)
+    lab._save_state()
+
+
+def start_controller(lab: Lab, timeout: float = 60) -> None:
+    """Start slurmctld again from its saved state (the reservation and jobs survive),
+    and wait until every node is back (not unknown, down or not responding)."""
+    wd = lab.workdir
+    lab.slurm_pids["slurmctld"] = lab._spawn(
+        ["slurmctld", "-D", "-i", "-f", conf_path(lab)],
+        wd / "slurm" / "log" / "slurmctld.out",
+    )
+    lab._save_state()
+    _wait(lambda: _ping(lab), 20, "slurmctld", lab, "slurmctld")
+    _wait(lambda: _all_responding(lab), timeout, "nodes back after a restart", lab, None)
+
+
+def _all_responding(lab: Lab) -> bool:
+    proc = subprocess.run(
+        ["sinfo", "-h", "-N", "-p", lab.partition, "-o", "%N %t"],
+        env=client_env(lab),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    states = dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+    bad = ("unk", "down", "drain", "fail", "*")
+    return all(n in states and not any(b in states[n] for b in bad) for n in lab.nodes)

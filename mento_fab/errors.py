@@ -49,6 +49,7 @@ __all__ = [
     "SlurmError",
     "SlurmUnavailable",
     "TriggerError",
+    "UnknownJob",
     "UnmappablePath",
     "UnsafeSourceError",
 ]
@@ -153,6 +154,10 @@ class SlurmUnavailable(SlurmError):
 
 class NoSubmitNode(SlurmUnavailable):
     """No reserved node could be reached to run Slurm commands on."""
+
+
+class UnknownJob(SlurmError):
+    """A job id Slurm does not know (never submitted, or ended and forgotten)."""
 
 
 class ReservationError(SlurmError, BadInput):

@@ -34,6 +34,7 @@ from mento_fab.slurm import (
     run_via_slurm,
     sbatch_argv,
 )
+from mento_fab.slurm import parse as slurm_parse
 
 WAIT = 60  # seconds any job in these tests may take at most
 
@@ -174,6 +175,42 @@ def test_squeue_records_start_with_the_token_so_a_name_cannot_fake_a_row() -> No
     row = "\x1f".join(["12", "PENDING", "0:00", "1", "", "Priority", f"a\n{fake}"])
     (job,) = parse_squeue(f"TOK{row}\n", "TOK")
     assert (job.id, job.state, job.name) == ("12", "PENDING", f"a\n{fake}")
+
+
+def test_a_job_is_followed_by_fields_without_free_text() -> None:
+    fmt = slurm_parse.status_format()
+    assert "Name" not in fmt and "exit_code" in fmt
+    text = slurm_parse.status_record("12", "FAILED", "768", "0:02", "cn[01-02]", "NonZeroExitCode")
+    job = slurm_parse.parse_job_status(text, "12")
+    assert (job.id, job.state, job.exit_code, job.nodes) == ("12", "FAILED", 3, ["cn01", "cn02"])
+    assert (job.name, job.elapsed, job.reason) == ("", "0:02", "NonZeroExitCode")
+    cancelled = slurm_parse.status_record("13", "CANCELLED", "15")
+    assert slurm_parse.parse_job_status(cancelled, "13").exit_code == 143
+    running = slurm_parse.status_record("14", "RUNNING", "0", "0:05", "cn01", "None")
+    info = slurm_parse.parse_job_status(running, "14")
+    assert (info.state, info.exit_code, info.reason, info.finished) == ("RUNNING", None, "", False)
+    assert slurm_parse.parse_job_status(running, "15") is None
+
+
+def test_a_job_line_split_by_a_newline_in_the_name_parses_whole() -> None:
+    name = "two\nlines JobState=COMPLETED ExitCode=0:0"
+    job = parse_job(job_line(name))
+    assert (job.name, job.state, job.exit_code) == (name, "FAILED", 3)
+
+
+def test_scancel_complaints_and_an_unreachable_controller_are_recognised() -> None:
+    stderr = (
+        "scancel: Terminating job 2\n"
+        "scancel: error: Kill job error on job id 12: Invalid job id specified\n"
+        "scancel: error: Kill job error on job id 1: Job/step already completing or completed\n"
+    )
+    assert slurm_parse.parse_scancel(stderr) == {
+        "12": "Invalid job id specified",
+        "1": "Job/step already completing or completed",
+    }
+    down = "slurm_load_reservations error: Unable to contact slurm controller (connect failure)"
+    assert slurm_parse.controller_unreachable(down)
+    assert not slurm_parse.controller_unreachable("Reservation x not found")
 
 
 def test_label_output_maps_tasks_to_nodes_and_keeps_a_missing_newline() -> None:
@@ -548,3 +585,115 @@ def test_from_group_keeps_the_submit_node_and_the_task_stays_thin(slurm_lab, slu
         client.close()
     assert not client.conn.is_connected  # owned: closed with the client
     assert "_own" not in inspect.getsource(slurm_tasks)  # the task goes through the public API
+
+
+# ------------------------------------------------- what Slurm says, said right
+@pytest.fixture
+def controller_down(slurm_lab) -> Iterator[None]:
+    """slurmctld stopped (slurmds and munged stay up), restarted from its state after."""
+    from lab import slurm as lab_slurm
+
+    lab_slurm.stop_controller(slurm_lab)
+    try:
+        yield
+    finally:
+        lab_slurm.start_controller(slurm_lab)
+
+
+def test_a_controller_that_is_down_is_named_not_a_missing_reservation(
+    slurm_lab, slurm_session, controller_down
+) -> None:
+    from mento_fab.errors import SlurmUnavailable
+
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    proc = mento("reservation", env=env)
+    assert proc.returncode == 255, proc.stderr
+    assert "Slurm controller cannot be reached" in proc.stderr
+    assert "not found" not in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    with Slurm.open(slurm_session, ssh_config=slurm_lab.ssh_config) as client:
+        with pytest.raises(SlurmUnavailable, match="cannot be reached"):
+            client.jobs()
+        group = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
+        try:
+            report = run_via_slurm(group, client.md, "true", immediate=1)
+        finally:
+            group.close()
+    assert {r.message for r in report.results} == {"Slurm controller cannot be reached"}
+    assert all("Unable to contact slurm controller" in r.error for r in report.results)
+
+
+def test_via_slurm_says_slurm_refused_the_allocation_and_why(slurm_lab, tmp_path) -> None:
+    from lab.slurm import client_env
+
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)}
+    missing = slurm_lab.make_session(
+        tmp_path / "missing", slurm_lab.nodes[:4], onlineAnalysis={"slurmReservation": "nope"}
+    )
+    proc = mento("run-on-nodes", "--via", "slurm", "true", "--metadata", str(missing), env=env)
+    assert proc.returncode == 255, proc.stderr
+    assert "Slurm refused the allocation" in proc.stderr
+    assert "Requested reservation is invalid" in proc.stderr  # Slurm's reason
+    assert "unreachable" not in proc.stderr
+    data = json.loads(
+        mento("run-on-nodes", "--via", "slurm", "true", "--json", "--metadata", str(missing),
+              env=env).stdout
+    )  # fmt: skip
+    assert {n["message"] for n in data["nodes"]} == {
+        "Slurm refused the allocation: reservation nope not found on cn01 (not created yet, "
+        "or over and removed); ask the cluster admins"
+    }
+
+    name = f"future{uuid.uuid4().hex[:6]}"
+    subprocess.run(
+        ["scontrol", "create", "reservation", f"ReservationName={name}", "StartTime=now+1day",
+         "Duration=60", f"Users={slurm_lab.user}", "Nodes=cn[01-02]",
+         f"PartitionName={slurm_lab.partition}", "Flags=OVERLAP"],
+        env=client_env(slurm_lab), check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        future = slurm_lab.make_session(
+            tmp_path / "future", slurm_lab.nodes[:2], onlineAnalysis={"slurmReservation": name}
+        )
+        group = nodes_group(future, ssh_config=slurm_lab.ssh_config)
+        try:
+            report = run_via_slurm(group, slurm_session_md(future), "true", immediate=1)
+        finally:
+            group.close()
+    finally:
+        subprocess.run(["scontrol", "delete", f"ReservationName={name}"],
+                       env=client_env(slurm_lab), check=False)  # fmt: skip
+    for result in report.results:
+        assert result.exit is None
+        why = f"Slurm refused the allocation: reservation {name} is not active yet"
+        assert result.message.startswith(why)  # from the reservation's own record
+        assert "srun: error: Unable to allocate resources" in result.error  # srun's own words
+
+
+def test_cancel_of_a_job_slurm_does_not_know_says_so(slurm_lab, slurm_session, slurm, tmp_path):
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
+    proc = mento("cancel", "--job", "99999", env=env)
+    assert proc.returncode == 1, proc.stderr
+    assert "unknown job 99999" in proc.stderr
+    assert "cancelled" not in proc.stdout
+    job = slurm.submit(script(tmp_path, "sleep 120"), output="/dev/null")
+    with pytest.raises(SlurmError, match="unknown job 99998") as caught:
+        slurm.cancel([job.id, "99998"])
+    assert f"cancelled {job.id}" in str(caught.value)  # the known one was cancelled
+    assert job.wait(timeout=WAIT).state == "CANCELLED"
+
+
+def test_cli_submit_wait_follows_a_job_whose_name_has_a_newline(
+    slurm_lab, slurm_session, slurm, tmp_path
+) -> None:
+    name = "two\nlines JobState=COMPLETED ExitCode=0:0"
+    path = script(tmp_path, "sleep 3; exit 4")
+    env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config)}
+    proc = mento("submit", str(path), "--metadata", str(slurm_session), "--output", "/dev/null",
+                 "--job-name", name, "--wait", env=env)  # fmt: skip
+    assert proc.returncode == 4, proc.stderr
+    assert "exit code lost" not in proc.stderr
+    assert "RUNNING" in proc.stderr and "FAILED" in proc.stderr
+    job = slurm.submit(path, output="/dev/null", job_name=name)
+    assert slurm.job(job.id).info().name == name  # a handle from the id alone reads it whole
+    assert job.wait(timeout=WAIT).exit_code == 4

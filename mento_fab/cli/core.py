@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 
 from invoke import Context, Exit
 
@@ -169,6 +170,14 @@ def run_on_nodes(
     else:
         if not stream:
             console.print_gathered(result)
-        console.print_summary(result)
+        refused = None
+        if via == "slurm":  # no node was reached because Slurm said no: say that, once
+            from mento_fab.slurm import refusal
+
+            refused = refusal(result)
+        if refused:
+            print(f"mento-fab: {refused}", file=sys.stderr)
+        else:
+            console.print_summary(result)
     if result.exit_status:
         raise Exit(code=result.exit_status)

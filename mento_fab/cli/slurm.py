@@ -136,18 +136,26 @@ def cancel(
     job: list[str] | None = None,
     all: bool = False,
 ):
-    """Cancel jobs by id, or --all of this account's jobs in the reservation."""
+    """Cancel jobs by id, or --all of this account's jobs in the reservation.
+
+    A job id Slurm does not know is an error (exit 1); one that had already
+    ended is reported as such.
+    """
     ids = [j for item in job or [] for j in re.split(r"[\s,]+", item) if j]
     if not ids and not all:
         raise BadInput("name the job ids to cancel, or use --all")
     json = opts.json
     with _open(c, opts) as slurm:
         cancelled = slurm.cancel(ids, all=all)
+    ended = [j for j in dict.fromkeys(ids) if j not in cancelled]
     if json:
-        print_json({"cancelled": cancelled, "submit_node": slurm.node})
-    elif cancelled:
+        print_json({"cancelled": cancelled, "ended": ended, "submit_node": slurm.node})
+        return
+    if cancelled:
         print(f"cancelled {', '.join(cancelled)}")
-    else:
+    if ended:
+        print(f"already ended: {', '.join(ended)}", file=sys.stderr)
+    if not cancelled and not ended:
         print("no jobs to cancel", file=sys.stderr)
 
 

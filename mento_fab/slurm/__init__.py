@@ -18,9 +18,15 @@ Example (a lab started with ``inv lab.up --slurm`` and its exports)::
 from __future__ import annotations
 
 from mento_fab import defaults
-from mento_fab.errors import NoSubmitNode, ReservationError, SlurmError, SlurmUnavailable
+from mento_fab.errors import (
+    NoSubmitNode,
+    ReservationError,
+    SlurmError,
+    SlurmUnavailable,
+    UnknownJob,
+)
 from mento_fab.slurm.client import Slurm, default_job_name, pick_submit_node, sbatch_argv
-from mento_fab.slurm.fanout import LabelSplitter, run_via_slurm, srun
+from mento_fab.slurm.fanout import LabelSplitter, refusal, run_via_slurm, srun
 from mento_fab.slurm.job import Job
 from mento_fab.slurm.parse import (
     TERMINAL_STATES,
@@ -29,10 +35,13 @@ from mento_fab.slurm.parse import (
     check_job_id,
     parse_job,
     parse_job_id,
+    parse_job_status,
     parse_key_values,
     parse_reservation,
+    parse_scancel,
     parse_squeue,
     squeue_format,
+    status_format,
 )
 
 __all__ = [
@@ -48,18 +57,23 @@ __all__ = [
     "Slurm",
     "SlurmError",
     "SlurmUnavailable",
+    "UnknownJob",
     "check_job_id",
     "default_job_name",
     "parse_job",
     "parse_job_id",
+    "parse_job_status",
     "parse_key_values",
     "parse_reservation",
+    "parse_scancel",
     "parse_squeue",
     "pick_submit_node",
+    "refusal",
     "run_via_slurm",
     "sbatch_argv",
     "squeue_format",
     "srun",
+    "status_format",
 ]
 
 #: sbatch's --time when the caller gives none (:data:`mento_fab.defaults.SLURM_TIME`).

@@ -26,7 +26,7 @@ import shlex
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import fabric
 
@@ -38,6 +38,8 @@ from mento_fab.errors import (
     ReservationError,
     SelectionError,
     SlurmError,
+    SlurmUnavailable,
+    UnknownJob,
 )
 from mento_fab.metadata import BeamtimeMetadata, SlurmInfo
 from mento_fab.nodes import nodes_group
@@ -49,11 +51,15 @@ from mento_fab.slurm.parse import (
     JobInfo,
     Reservation,
     check_job_id,
+    controller_unreachable,
     parse_job,
     parse_job_id,
+    parse_job_status,
     parse_reservation,
+    parse_scancel,
     parse_squeue,
     squeue_format,
+    status_format,
 )
 
 __all__ = ["COMMAND_TIMEOUT", "Slurm", "default_job_name", "pick_submit_node", "sbatch_argv"]
@@ -120,6 +126,18 @@ def complaint(result: NodeResult) -> str:
     lines = [ln.strip() for ln in (result.stderr or result.stdout).splitlines() if ln.strip()]
     text = "; ".join(lines[-3:]) or "no message"
     return f"{text} (exit {result.exit} on {result.node})"
+
+
+def raise_failure(command: str, result: NodeResult) -> NoReturn:
+    """SlurmUnavailable when slurmctld did not answer, else SlurmError with Slurm's words."""
+    if result.error is None:
+        said = [ln.strip() for ln in f"{result.stderr}\n{result.stdout}".splitlines()]
+        down = [ln for ln in said if controller_unreachable(ln)]
+        if down:
+            raise SlurmUnavailable(
+                f"Slurm controller cannot be reached from {result.node}: {down[-1]}"
+            )
+    raise SlurmError(f"{command} failed: {complaint(result)}")
 
 
 def pick_submit_node(
@@ -234,7 +252,8 @@ class Slurm:
         env: Mapping[str, str] | None = None,
         on_line: LineCallback | None = None,
     ) -> NodeResult:
-        """Run one command on the submit node; with ``check``, SlurmError if it fails.
+        """Run one command on the submit node; with ``check``, SlurmError if it fails
+        (SlurmUnavailable when it says slurmctld cannot be reached).
 
         A failure to re-open the connection shows in the result (``error``).
         """
@@ -244,7 +263,7 @@ class Slurm:
             self.connect()
         result = execute(self.conn, line, timeout=timeout, env=env, on_line=on_line)
         if check and not result.ok:
-            raise SlurmError(f"{argv[0]} failed: {complaint(result)}")
+            raise_failure(argv[0], result)
         return result
 
     def upload(self, local: str | os.PathLike[str]) -> str:
@@ -319,14 +338,28 @@ class Slurm:
         """
         job_id = check_job_id(job_id)
         result = self.call(["scontrol", "-o", "show", "job", job_id], check=False)
-        if result.error:
-            raise SlurmError(f"scontrol failed: {complaint(result)}")
-        if result.exit != 0:
-            if "Invalid job id" in result.stderr:
+        if not result.ok:
+            if result.error is None and "Invalid job id" in result.stderr:
                 return None
-            raise SlurmError(f"scontrol failed: {complaint(result)}")
-        lines = result.stdout.strip().splitlines()
-        return parse_job(lines[0] if lines else "", name)
+            raise_failure("scontrol", result)
+        # one job, one record; a name with a newline spreads it over several lines
+        return parse_job(result.stdout.strip("\n"), name)
+
+    def job_status(self, job_id: str | int) -> JobInfo | None:
+        """A job's state, exit code, nodes and elapsed time, asked for by id alone.
+
+        ``squeue --Format`` of fields without free text: the job's name (left
+        empty here) cannot matter. None when slurmctld does not (or no longer) know it.
+        """
+        job_id = check_job_id(job_id)
+        argv = ["squeue", "--noheader", f"--jobs={job_id}", "--states=all",
+                f"--Format={status_format()}"]  # fmt: skip
+        result = self.call(argv, check=False)
+        if not result.ok:
+            if result.error is None and "Invalid job id" in result.stderr:
+                return None
+            raise_failure("squeue", result)
+        return parse_job_status(result.stdout, job_id)
 
     def jobs(self, *, everyone: bool = False) -> list[JobInfo]:
         """The reservation's queued and running jobs of the beamtime account (or everyone's)."""
@@ -342,26 +375,57 @@ class Slurm:
         return parse_squeue(self.call(argv).stdout, token)
 
     def cancel(self, job_ids: Iterable[str | int] = (), *, all: bool = False) -> list[str]:
-        """scancel the given jobs, or with ``all`` every job of :meth:`jobs`; returns the ids."""
-        ids = [check_job_id(j) for j in job_ids]
-        if all:
-            ids += [j.id for j in self.jobs() if j.id not in ids]
+        """scancel the given jobs, or with ``all`` every job of :meth:`jobs`.
+
+        Returns the ids Slurm accepted to cancel; a job that had already ended is
+        left out. A named id Slurm does not know raises UnknownJob (after the
+        others were cancelled, which the message names); any other refusal
+        (another user's job) raises SlurmError.
+        """
+        named = list(dict.fromkeys(check_job_id(j) for j in job_ids))
+        ids = named + ([j.id for j in self.jobs() if j.id not in named] if all else [])
         if not ids:
             return []
-        self.call(["scancel", *ids])
-        log.info("cancelled %s", ", ".join(ids))
-        return ids
+        # Without --verbose, scancel says nothing and exits 0 for a job it does not know.
+        result = self.call(["scancel", "--verbose", *ids], check=False)
+        refused = parse_scancel(result.stderr)
+        if result.error is not None or (result.exit != 0 and not refused):
+            raise_failure("scancel", result)
+        if any(controller_unreachable(why) for why in refused.values()):
+            raise_failure("scancel", result)
+        cancelled = [i for i in ids if i not in refused]
+        unknown = [i for i in named if "Invalid job id" in refused.get(i, "")]
+        other = {
+            i: why
+            for i, why in refused.items()
+            if i in named and i not in unknown and "already completing or completed" not in why
+        }
+        if cancelled:
+            log.info("cancelled %s", ", ".join(cancelled))
+        if not (unknown or other):
+            return cancelled
+        problems = [f"unknown job {i} (Slurm does not know it)" for i in unknown]
+        problems += [f"scancel refused job {i}: {why}" for i, why in other.items()]
+        if cancelled:
+            problems.append(f"cancelled {', '.join(cancelled)}")
+        kind = UnknownJob if not other else SlurmError
+        raise kind(
+            "; ".join(problems), {"cancelled": cancelled, "unknown": unknown, "refused": other}
+        )
 
     def reservation(self) -> Reservation:
-        """The beamtime's reservation; ReservationError when Slurm does not know it."""
+        """The beamtime's reservation; ReservationError when Slurm does not know it,
+        SlurmUnavailable when slurmctld cannot be reached."""
         name = self.info.reservation
         result = self.call(["scontrol", "-o", "show", "reservation", name], check=False)
-        if result.error:
-            raise SlurmError(f"scontrol failed: {complaint(result)}")
         text = result.stdout.strip()
-        if result.exit != 0 or not text or "not found" in text:
+        if result.ok and text.startswith("ReservationName="):
+            return parse_reservation(text)
+        said = f"{result.stdout}\n{result.stderr}"
+        missing = "not found" in said or (result.ok and not text)
+        if result.error is None and missing and not controller_unreachable(said):
             raise ReservationError(
                 f"reservation {name} not found on {self.node} (not created yet, or over "
                 "and removed); ask the cluster admins"
             )
-        return parse_reservation(text.splitlines()[0])
+        raise_failure("scontrol", result)

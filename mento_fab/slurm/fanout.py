@@ -7,6 +7,11 @@ exit status, so each task is wrapped to print a start and an end marker line (a
 random token, the node's ``SLURMD_NODENAME``, and ``$?``), which also maps
 ``--label`` task ids to nodes.
 
+When no task started because Slurm would not allocate the nodes (a reservation
+not active, missing or busy, or slurmctld down), every node's ``error`` holds
+srun's own lines and its ``message`` says so ("Slurm refused the allocation: …",
+"Slurm controller cannot be reached"); :func:`refusal` gives that as one line.
+
 Example (a lab started with ``inv lab.up --slurm`` and its exports)::
 
     from mento_fab import Session, nodes_group
@@ -33,18 +38,25 @@ import fabric
 
 from mento_fab import defaults
 from mento_fab.connection import connection_node
-from mento_fab.errors import BadInput, SelectionError, SlurmError
+from mento_fab.errors import BadInput, ReservationError, SelectionError, SlurmError
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import fold
 from mento_fab.results import NodeResult, RunReport
 from mento_fab.runner import LineCallback
 from mento_fab.slurm.client import Slurm, default_job_name, pick_submit_node
+from mento_fab.slurm.parse import controller_unreachable
 
-__all__ = ["LabelSplitter", "run_via_slurm", "srun"]
+__all__ = ["REFUSED", "UNREACHABLE", "LabelSplitter", "refusal", "run_via_slurm", "srun"]
 
 log = logging.getLogger(__name__)
 
+#: A node's ``message`` when Slurm would not allocate the nodes (then ``error`` is srun's words).
+REFUSED = "Slurm refused the allocation"
+#: A node's ``message`` when srun could not reach slurmctld.
+UNREACHABLE = "Slurm controller cannot be reached"
 _LABEL = re.compile(r"^\s*(\d+): ?(.*)$", re.S)
+#: srun's progress lines, which say nothing about why an allocation failed.
+_CHATTER = re.compile(r"^srun: job \d+ (queued and waiting for resources|has been allocated)")
 
 
 class LabelSplitter:
@@ -161,6 +173,40 @@ def srun_argv(
     return [*argv, "/bin/sh", "-c", wrapper]
 
 
+def _refused(slurm: Slurm, splitter: LabelSplitter, result: NodeResult) -> tuple[str, str] | None:
+    """``(message, srun's lines)`` when srun got no allocation and so started no task."""
+    if splitter.node_of or result.error is not None:
+        return None
+    said = [ln.strip() for ln in splitter.loose if ln.startswith("srun:")]
+    if not any("Unable to allocate resources" in ln for ln in said):
+        return None
+    reasons = "; ".join(ln for ln in said if not _CHATTER.match(ln))
+    if controller_unreachable(reasons):
+        return UNREACHABLE, reasons
+    try:  # the reservation's own record says why, when there is one
+        problem = slurm.reservation().problem()
+    except ReservationError as exc:
+        problem = str(exc)
+    except SlurmError:
+        problem = None
+    return (f"{REFUSED}: {problem}" if problem else REFUSED), reasons
+
+
+def refusal(report: RunReport) -> str | None:
+    """Why a run reached no node because of Slurm (see :data:`REFUSED`), or None.
+
+    Two lines: the message, then the nodes and srun's own words.
+    """
+    results = report.results
+    reasons = {(r.message, r.error) for r in results}
+    if not results or len(reasons) != 1 or any(r.exit is not None for r in results):
+        return None
+    message, error = reasons.pop()
+    if message is None or not message.startswith((REFUSED, UNREACHABLE)):
+        return None
+    return f"{message}\n  {fold(r.node for r in results)}: {error}"
+
+
 def _failure(result: NodeResult, loose: list[str]) -> str:
     """Why a node has no end marker: srun's own error, else what the run says."""
     errors = [ln.strip() for ln in loose if "error" in ln.lower() and ln.strip()]
@@ -210,6 +256,16 @@ def srun(
     # A partial last line reaches on_line at EOF through execute's splitter close.
     splitter.flush(dict(enumerate(nodes)))
     report = RunReport(command=command, seconds=time.monotonic() - start)
+    refused = _refused(slurm, splitter, result)
+    if refused is not None:
+        message, reasons = refused
+        log.info("%s: %s (%s)", slurm.node, message, reasons)
+        report.seconds = time.monotonic() - start
+        report.results = [
+            NodeResult(node, error=reasons, message=message, seconds=report.seconds)
+            for node in nodes
+        ]
+        return report
     by_node = {node: task for task, node in splitter.node_of.items()}
     failure = _failure(result, splitter.loose)
     for node in nodes:

@@ -36,10 +36,23 @@ class Job:
         return f"Job({self.id!r}, state={state})"
 
     def info(self) -> JobInfo:
-        """Ask slurmctld now; a forgotten job keeps its last seen end, else is UNKNOWN."""
+        """Ask slurmctld now; a forgotten job keeps its last seen end, else is UNKNOWN.
+
+        A job is followed by its id alone (:meth:`Slurm.job_status`), so its name,
+        free text that may mimic Slurm's fields or hold a newline, cannot matter.
+        Only a handle made from a bare id reads the job's full record once, to
+        learn its name.
+        """
         if self.last is not None and self.last.finished:
             return self.last
-        seen = self.slurm.show_job(self.id, self.name or None)
+        if self.name:
+            seen = self.slurm.job_status(self.id)
+            if seen is not None:
+                seen.name = self.name
+        else:
+            seen = self.slurm.show_job(self.id)
+            if seen is not None:
+                self.name = seen.name
         if seen is None:
             seen = JobInfo(id=self.id, name=self.name, state="UNKNOWN")
             if self.last is not None:

@@ -4,19 +4,23 @@
 
 - no ``--json`` in scontrol (``scontrol: unrecognized option '--json'``):
   ``scontrol -o show job/reservation`` is ``key=value`` text. Values are free
-  text (a job name may be ``x JobState=COMPLETED ExitCode=0:0``),
-  so nothing is taken from "the first ``Key=``": a job's line is
+  text (a job name may be ``x JobState=COMPLETED ExitCode=0:0``, or hold a
+  newline), so nothing is taken from "the first ``Key=``": a job's line is
   matched against Slurm's fixed field order around the name (``JobName=`` ...
   `` UserId=u(uid) GroupId=`` ... ``ExitCode=n:m``), and a reservation's keys
   are looked up in their order;
 - ``squeue`` is read with ``--noheader --format``: each record starts with a
   random per-call token and its fields are split by an ASCII unit separator
   (``\\x1f``), the free-text job name last, so a name cannot fake a row;
+- a job is *followed* with ``squeue --jobs=ID --Format`` of fields that hold no
+  free text at all (:func:`status_format`), so its name cannot matter there;
 - no ``sacct``: a job's exit code is known only while slurmctld remembers the
   job (``MinJobAge``, 300 s by default, 30 s in the lab).
 
->>> parse_job_id("12;cluster")
-'12'
+>>> parse_job_status(status_record("12", "FAILED", "768", "0:02", "cn01"), "12").exit_code
+3
+>>> controller_unreachable("slurm_load_jobs error: Unable to contact slurm controller")
+True
 """
 
 from __future__ import annotations
@@ -37,12 +41,17 @@ __all__ = [
     "JobInfo",
     "Reservation",
     "check_job_id",
+    "controller_unreachable",
     "parse_job",
     "parse_job_id",
+    "parse_job_status",
     "parse_key_values",
     "parse_reservation",
+    "parse_scancel",
     "parse_squeue",
     "squeue_format",
+    "status_format",
+    "status_record",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,8 +72,10 @@ TERMINAL_STATES = frozenset(
 )
 _SEP = "\x1f"
 _SQUEUE_FIELDS = ("%i", "%T", "%M", "%D", "%N", "%r", "%j")
+#: ``squeue --Format`` fields that follow a job by id: none holds free text.
+_STATUS_FIELDS = ("JobID", "State", "exit_code", "TimeUsed", "NodeList", "Reason")
 #: ``scontrol -o show job`` from JobName= to ExitCode= (22.05's fixed order; only the
-#: name is free text there). ``{name}`` is lazy or greedy.
+#: name is free text there, and may span lines). ``{name}`` is lazy or greedy.
 _JOB_HEAD = (
     r"JobId=(?P<JobId>\S+) (?:\S+=\S* )*?JobName=(?P<JobName>{name}) "
     r"UserId=(?P<UserId>\S*) GroupId=\S* MCS_label=\S* Priority=\d+ Nice=-?\d+ "
@@ -72,8 +83,8 @@ _JOB_HEAD = (
     r"Reason=(?P<Reason>\S*(?: \S+)*?) Dependency=\S* Requeue=\d+ Restarts=\d+ "
     r"BatchFlag=\d+ Reboot=\d+ ExitCode=(?P<ExitCode>\d+:\d+)(?=\s|$)"
 )
-_JOB_HEAD_FIRST = re.compile(_JOB_HEAD.format(name=".*?"))
-_JOB_HEAD_LAST = re.compile(_JOB_HEAD.format(name=".*"))
+_JOB_HEAD_FIRST = re.compile(_JOB_HEAD.format(name=r"[\s\S]*?"))
+_JOB_HEAD_LAST = re.compile(_JOB_HEAD.format(name=r"[\s\S]*"))
 #: What follows ExitCode= up to the first free text (Command=, WorkDir=, StdOut=, ...).
 _JOB_TAIL_KEYS = ("RunTime", "TimeLimit", "NodeList", "BatchHost")
 _RESERVATION_KEYS = (
@@ -83,7 +94,19 @@ _RESERVATION_KEYS = (
 )  # fmt: skip
 _JOB_ID = re.compile(r"^\d+(?:_\d+)?(?:\.\w+)?$")
 _KEY = re.compile(r"(?:^|\s)([A-Za-z][A-Za-z0-9_:/]*)=")
+_SCANCEL_ERROR = re.compile(r"Kill job error on job id (\S+): (.+)$", re.M)
+#: How Slurm's clients say that slurmctld did not answer (slurm_strerror texts).
+_UNREACHABLE = (
+    "Unable to contact slurm controller",
+    "Socket timed out on send/recv operation",
+    "Slurm backup controller in standby mode",
+)
 _MISSING = ("(null)", "None", "Unknown", "N/A", "")
+
+
+def controller_unreachable(text: str) -> bool:
+    """Whether a Slurm client's message says slurmctld could not be reached."""
+    return any(phrase in text for phrase in _UNREACHABLE)
 
 
 def check_job_id(job_id: str | int) -> str:
@@ -101,6 +124,14 @@ def parse_job_id(stdout: str) -> str:
     if not _JOB_ID.match(job_id):
         raise SlurmError(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
     return job_id
+
+
+def parse_scancel(stderr: str) -> dict[str, str]:
+    """``scancel --verbose`` complaints per job id (``{"99": "Invalid job id specified"}``).
+
+    scancel exits 0 and says nothing without ``--verbose`` when a job does not exist.
+    """
+    return {m.group(1): m.group(2).strip() for m in _SCANCEL_ERROR.finditer(stderr)}
 
 
 def parse_key_values(text: str, keys: Sequence[str] | None = None) -> dict[str, str]:
@@ -226,10 +257,51 @@ def parse_squeue(text: str, token: str = "") -> list[JobInfo]:
     return found
 
 
-def parse_job(text: str, name: str | None = None) -> JobInfo:
-    """``scontrol -o show job ID`` output (one job) as a :class:`JobInfo`.
+def status_format() -> str:
+    """The ``squeue --Format`` value :func:`parse_job_status` reads (no padding, no name)."""
+    return ",".join(f"{name}:{_SEP}" for name in _STATUS_FIELDS)
 
-    The name is the only free text before ExitCode=, so the line is matched
+
+def status_record(
+    job_id: str, state: str, status: str, elapsed: str = "", nodes: str = "", reason: str = ""
+) -> str:
+    """One record as ``squeue --Format=<status_format()>`` prints it (for tests and docs)."""
+    return "".join(f"{v}{_SEP}" for v in (job_id, state, status, elapsed, nodes, reason)) + "\n"
+
+
+def parse_job_status(text: str, job_id: str) -> JobInfo | None:
+    """Job ``job_id`` from ``squeue --noheader --jobs=ID --states=all --Format=<status_format()>``.
+
+    ``exit_code`` there is the raw wait status (``768`` is exit 3, ``15`` signal
+    15); the name is not asked for, so it is left empty. None when the job is not
+    in the output.
+    """
+    for line in text.splitlines():
+        parts = line.split(_SEP)
+        if len(parts) < len(_STATUS_FIELDS) or parts[0].strip() != job_id:
+            continue
+        _id, state, status, elapsed, nodelist, reason = (p.strip() for p in parts[:6])
+        try:
+            raw = int(status)
+            code = f"{(raw >> 8) & 0xFF}:{raw & 0x7F}"
+        except ValueError:
+            code = None
+        state = state.split()[0] if state else "UNKNOWN"
+        return JobInfo(
+            id=job_id,
+            state=state,
+            nodes=_expand(nodelist),
+            elapsed=elapsed,
+            reason="" if reason in _MISSING else reason,
+            exit_code=_exit_code(state, code),
+        )
+    return None
+
+
+def parse_job(text: str, name: str | None = None) -> JobInfo:
+    """``scontrol -o show job ID`` output (one job, possibly over several lines) as a JobInfo.
+
+    The name is the only free text before ExitCode=, so the text is matched
     against the fixed fields around it twice, with the shortest and the longest
     possible name. Both agree unless the name itself contains a forged
     `` UserId=... ExitCode=`` sequence; then the ``name`` the caller submitted
