@@ -1,4 +1,4 @@
-"""Pure logic of nodes, runner and report: no SSH needed."""
+"""Pure logic of nodes, runner and gather: no SSH needed."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import paramiko
 import pytest
 
-from mento_fab import report
+from mento_fab import gather
 from mento_fab.nodes import KnownHosts, SelectionError, fold, select_nodes
 from mento_fab.runner import NodeResult, RunReport, _remote_command
 
@@ -79,20 +79,20 @@ def test_exit_status_is_the_largest_with_unreachable_as_255() -> None:
 
 def test_summary_line_and_problems() -> None:
     rep = _report()
-    assert report.summary_line(rep) == (
+    assert gather.summary_line(rep) == (
         "6 nodes: 2 ok, 2 failed (cn02 exit 1, cn06 exit 2), 2 unreachable (cn[04-05])"
     )
-    assert report.problems(rep) == ["cn[04-05]: unreachable: connection refused"]
+    assert gather.problems(rep) == ["cn[04-05]: unreachable: connection refused"]
 
 
 def test_gathered_folds_identical_output_in_node_order() -> None:
     rep = _report()
-    assert list(report.gathered(rep.results)) == [("cn[01,03]", "same"), ("cn02", "other")]
-    assert list(report.gathered(rep.results, "stderr")) == [("cn02", "boom")]
+    assert list(gather.gathered(rep.results)) == [("cn[01,03]", "same"), ("cn02", "other")]
+    assert list(gather.gathered(rep.results, "stderr")) == [("cn02", "boom")]
 
 
 def test_json_shape() -> None:
-    data = report.to_json(_report())
+    data = _report().as_json()
     assert set(data) == {"command", "nodes", "summary"}
     assert set(data["nodes"][0]) == {
         "node", "exit", "stdout", "stderr", "error", "message", "seconds"

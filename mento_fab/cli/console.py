@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import Any, TextIO
 
-from mento_fab import report as reporting
+from mento_fab import gather
 from mento_fab.cli.options import is_tty
 from mento_fab.results import RunReport
 
@@ -30,7 +30,7 @@ def print_gathered(report: RunReport, out: TextIO | None = None) -> None:
     """clush -b style: each distinct output once, under its folded node set."""
     out = out or sys.stdout
     for stream, label in (("stdout", ""), ("stderr", " stderr")):
-        for nodes, text in reporting.gathered(report.results, stream):
+        for nodes, text in gather.gathered(report.results, stream):
             count = len(nodes_of(nodes))
             print(_header(nodes, count, label), file=out)
             print(text, file=out)
@@ -45,9 +45,9 @@ def nodes_of(nodeset: str) -> list[str]:
 def print_summary(report: RunReport, err: TextIO | None = None) -> None:
     err = err or sys.stderr
     sys.stdout.flush()  # the summary comes after the output, also on a shared terminal
-    for line in reporting.problems(report):
+    for line in gather.problems(report):
         print(line, file=err)
-    print(reporting.summary_line(report), file=err)
+    print(gather.summary_line(report), file=err)
 
 
 def stream_printer(out: TextIO | None = None) -> Callable[[str, str, str], None]:

@@ -1,21 +1,29 @@
-"""Turn a RunReport into what people and scripts read: gathered text, a summary, JSON.
+"""Turn a RunReport into the text people read: gathered output, problems, a summary line.
 
 Gathering is ClusterShell's MsgTree (what ``clush -b`` uses): nodes whose output
-is identical are shown once, under their folded node set.
+is identical are shown once, under their folded node set. JSON and the summary
+numbers are the report's own (:meth:`RunReport.as_json`, :meth:`RunReport.summary`).
+
+>>> from mento_fab.results import NodeResult, RunReport
+>>> report = RunReport("hostname -s | cut -c1-2", [NodeResult("cn01", exit=0, stdout="cn\\n"),
+...     NodeResult("cn02", exit=0, stdout="cn\\n"), NodeResult("cn03", error="connect timed out")])
+>>> list(gathered(report.results))
+[('cn[01-02]', 'cn')]
+>>> summary_line(report)
+'3 nodes: 2 ok, 0 failed, 1 unreachable (cn03)'
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
-from typing import Any
 
 from ClusterShell.MsgTree import MsgTree
 from ClusterShell.NodeSet import NodeSet
 
 from mento_fab.results import NodeResult, RunReport
 
-__all__ = ["gathered", "problems", "summary", "summary_line", "to_json"]
+__all__ = ["gathered", "problems", "summary_line"]
 
 
 def gathered(results: list[NodeResult], stream: str = "stdout") -> Iterator[tuple[str, str]]:
@@ -40,10 +48,6 @@ def _grouped(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     return [(str(NodeSet.fromlist(nodes)), reason) for reason, nodes in by_reason.items()]
 
 
-def summary(report: RunReport) -> dict[str, Any]:
-    return report.summary()
-
-
 def summary_line(report: RunReport) -> str:
     """``4 nodes: 3 ok, 1 failed (cn02 exit 1), 0 unreachable``."""
     failed = _grouped((r.node, f"exit {r.exit}") for r in report.failed)
@@ -62,7 +66,3 @@ def problems(report: RunReport) -> list[str]:
     grouped = _grouped((r.node, r.error) for r in report.unreachable if r.error)
     return [f"{nodes}: {reason}" for nodes, reason in grouped]
 
-
-def to_json(report: RunReport, **extra: Any) -> dict[str, Any]:
-    """The shared JSON shape: ``{"command", "nodes": [...], "summary": {...}}`` plus ``extra``."""
-    return report.as_json(**extra)
