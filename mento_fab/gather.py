@@ -1,8 +1,10 @@
 """Turn a RunReport into the text people read: gathered output, problems, a summary line.
 
-Gathering is ClusterShell's MsgTree (what ``clush -b`` uses): nodes whose output
-is identical are shown once, under their folded node set. JSON and the summary
-numbers are the report's own (:meth:`RunReport.as_json`, :meth:`RunReport.summary`).
+Gathering works like ``clush -b``: nodes whose output is identical are shown once,
+under their folded node set. Outputs are compared whole, by their text (no per-line
+tree as ClusterShell's MsgTree builds, which costs several hundred bytes per line:
+16 MiB of short lines took 300 MB). JSON and the summary numbers are the report's
+own (:meth:`RunReport.as_json`, :meth:`RunReport.summary`).
 
 >>> from mento_fab.results import NodeResult, RunReport
 >>> report = RunReport("hostname -s | cut -c1-2", [NodeResult("cn01", exit=0, stdout="cn\\n"),
@@ -18,27 +20,23 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 
-from ClusterShell.MsgTree import MsgTree
 from ClusterShell.NodeSet import NodeSet
 
 from mento_fab.results import NodeResult, RunReport
 
-__all__ = ["gathered", "problems", "summary_line"]
+__all__ = ["dropped", "gathered", "human_size", "problems", "summary_line"]
 
 
 def gathered(results: list[NodeResult], stream: str = "stdout") -> Iterator[tuple[str, str]]:
-    """``(node set, text)`` for each distinct output, nodes with the same output folded."""
-    tree = MsgTree()
+    """``(node set, text)`` for each distinct output (trailing newlines aside), in node
+    order, nodes with the same output folded."""
+    by_text: dict[str, list[str]] = {}
     for result in results:
         text: str = getattr(result, stream)
-        if not text:
-            continue
-        for line in text.rstrip("\n").split("\n"):
-            tree.add(result.node, line.encode())
-    order = {r.node: i for i, r in enumerate(results)}
-    groups = [(sorted(keys, key=order.__getitem__), message) for message, keys in tree.walk()]
-    for keys, message in sorted(groups, key=lambda group: order[group[0][0]]):
-        yield str(NodeSet.fromlist(keys)), bytes(message).decode("utf-8", "replace")
+        if text:
+            by_text.setdefault(text.rstrip("\n"), []).append(result.node)
+    for text, nodes in by_text.items():
+        yield str(NodeSet.fromlist(nodes)), text
 
 
 def _grouped(pairs: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
@@ -66,3 +64,25 @@ def problems(report: RunReport) -> list[str]:
     grouped = _grouped((r.node, r.error) for r in report.unreachable if r.error)
     return [f"{nodes}: {reason}" for nodes, reason in grouped]
 
+
+
+def human_size(count: int) -> str:
+    """``512 B``, ``3.2 KiB``, ``16 MiB``, ``1.5 GiB``."""
+    size = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            break
+        size /= 1024
+    return f"{count} B" if unit == "B" else f"{size:.1f} {unit}".replace(".0 ", " ")
+
+
+def dropped(report: RunReport) -> list[str]:
+    """One line per stream and amount of output over the limit, nodes folded:
+    ``cn[01-02]: 84 MiB of stdout not kept (over the output limit)``."""
+    pairs = [
+        (result.node, f"{human_size(count)} of {stream} not kept (over the output limit)")
+        for stream in ("stdout", "stderr")
+        for result in report.results
+        if (count := getattr(result, f"{stream}_dropped"))
+    ]
+    return [f"{nodes}: {reason}" for nodes, reason in _grouped(pairs)]

@@ -1,4 +1,4 @@
-"""Run one command on many Connections with a fan-out limit and bounded time.
+"""Run one command on many Connections with a fan-out limit and bounded time and memory.
 
 Every node ends as a :class:`NodeResult` (exit status or error), never as an
 exception: one dead node must not hide what happened on the other 31.
@@ -7,14 +7,20 @@ Commands go straight to a paramiko session channel and are read with
 ``select`` on the channel, not through invoke's Runner, whose 10 ms polling
 loop and reader/stdin threads dominate the cost of a command on an open
 connection (a ``true`` completes in a few milliseconds here).
+
+Nothing outlives its command unless asked: the line sent to the node
+(:mod:`mento_fab.remote`) ends the command and everything it started when the
+client closes the channel or goes away, so a time-out, a Ctrl-C (:class:`Cancel`)
+or a lost client leaves nothing running. Output is kept up to ``max_output`` bytes
+per node and stream (:mod:`mento_fab.output`); with ``on_line`` it is handed on
+line by line and not kept at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import re
 import select
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -29,11 +35,14 @@ from mento_fab.connection import connection_node, describe_error, ensure_open, o
 from mento_fab.errors import BadInput, NodeError
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import nodes_group
+from mento_fab.output import Capture, LineSplitter
+from mento_fab.remote import check_env, new_run_id, remote_command
 from mento_fab.results import NodeResult, RunReport
 
 __all__ = [
     "DEFAULT_FANOUT",
     "UNREACHABLE_EXIT",
+    "Cancel",
     "NodeError",
     "NodeResult",
     "RunReport",
@@ -49,33 +58,50 @@ __all__ = [
 DEFAULT_FANOUT = defaults.FANOUT
 UNREACHABLE_EXIT = defaults.UNREACHABLE_EXIT
 KILL_GRACE = defaults.KILL_GRACE
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 T = TypeVar("T")
 LineCallback = Callable[[str, str, str], None]  # node, "stdout"|"stderr", line
 
 
-def _remote_command(command: str, env: Mapping[str, str] | None, timeout: float | None) -> str:
-    """The command line sent to the node's shell; everything variable is quoted."""
-    line = command
-    if timeout is not None:
-        # timeout(1) puts the command in its own process group and kills the whole
-        # group, so children die too; -k escalates to SIGKILL for the stubborn.
-        line = (
-            f"exec timeout -k {KILL_GRACE / 2:g} {timeout:g} "
-            f'"${{SHELL:-/bin/sh}}" -c {shlex.quote(command)}'
-        )
-    if env:
-        for name in env:
-            if not _ENV_NAME.match(name):
-                raise BadInput(f"not a valid environment variable name: {name!r}")
-        exports = " ".join(f"{k}={shlex.quote(str(v))}" for k, v in env.items())
-        line = f"export {exports}; {line}"
-    return line
-
-
 class _Deadline(Exception):
     """The command's own time is up (distinct from connect timeouts, which are errors)."""
+
+
+class _Cancelled(Exception):
+    """The run was cancelled (Ctrl-C) before or while this node's command ran."""
+
+
+class Cancel:
+    """Ends the commands of one run early, over their still open connections.
+
+    :meth:`cancel` sends EOF on the stdin of every command still running, which its
+    watchdog on the node (:mod:`mento_fab.remote`) takes as the word to kill it and
+    everything it started; commands not started yet are not started.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._channels: set[paramiko.Channel] = set()
+        self.cancelled = False
+
+    def track(self, channel: paramiko.Channel) -> bool:
+        """Watch ``channel`` until :meth:`untrack`; False when the run is already cancelled."""
+        with self._lock:
+            if not self.cancelled:
+                self._channels.add(channel)
+            return not self.cancelled
+
+    def untrack(self, channel: paramiko.Channel) -> None:
+        with self._lock:
+            self._channels.discard(channel)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self.cancelled = True
+            channels = list(self._channels)
+        for channel in channels:
+            with contextlib.suppress(Exception):  # already closed: its command has ended
+                channel.shutdown_write()
 
 
 #: Longest wait between liveness checks while a command runs.
@@ -96,24 +122,6 @@ def _check_alive(transport: paramiko.Transport, deadline: float | None) -> None:
         raise NodeError("connection lost before the command finished")
 
 
-class _LineSplitter:
-    """Turns chunks into complete lines for live callbacks; keeps the tail until EOF."""
-
-    def __init__(self, node: str, stream: str, callback: LineCallback) -> None:
-        self.node, self.stream, self.callback = node, stream, callback
-        self.tail = b""
-
-    def feed(self, chunk: bytes) -> None:
-        *lines, self.tail = (self.tail + chunk).split(b"\n")
-        for line in lines:
-            self.callback(self.node, self.stream, line.decode("utf-8", "replace"))
-
-    def close(self) -> None:
-        if self.tail:
-            self.callback(self.node, self.stream, self.tail.decode("utf-8", "replace"))
-            self.tail = b""
-
-
 def execute(
     conn: fabric.Connection,
     command: str,
@@ -122,44 +130,56 @@ def execute(
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,
     channel: paramiko.Channel | None = None,
+    max_output: int = defaults.MAX_OUTPUT,
+    run_id: str | None = None,
+    cancel: Cancel | None = None,
 ) -> NodeResult:
     """Run ``command`` on one Connection; every failure ends up in the result.
 
-    ``channel``, from :func:`open_channel`, lets a caller that must know whether
-    anything reached the node (a retry must never run a command twice) open the
-    session itself; ``execute`` takes it over and closes it.
+    Output is kept up to ``max_output`` bytes per stream (the rest is counted in
+    ``stdout_dropped``/``stderr_dropped``); with ``on_line`` it goes to the callback
+    line by line instead and nothing is kept. ``channel``, from :func:`open_channel`,
+    lets a caller that must know whether anything reached the node (a retry must
+    never run a command twice) open the session itself; ``execute`` takes it over
+    and closes it. Closing it before the command ended kills the command on the node.
     """
     node = connection_node(conn)
     start = time.monotonic()
     result = NodeResult(node=node)
-    out, err = bytearray(), bytearray()
-    splitters = (
-        (_LineSplitter(node, "stdout", on_line), _LineSplitter(node, "stderr", on_line))
-        if on_line
-        else None
-    )
+    captures: tuple[Capture, Capture] | None = None
+    splitters: tuple[LineSplitter, LineSplitter] | None = None
+    if on_line is None:
+        captures = (Capture(max_output), Capture(max_output))
+        feeds = (captures[0].feed, captures[1].feed)
+    else:
+        splitters = (
+            LineSplitter(lambda text: on_line(node, "stdout", text)),
+            LineSplitter(lambda text: on_line(node, "stderr", text)),
+        )
+        feeds = (splitters[0].feed, splitters[1].feed)
     try:
-        line = _remote_command(command, env, timeout)
+        line = remote_command(command, env, timeout, run_id=run_id)
+        if cancel is not None and cancel.cancelled:
+            raise _Cancelled
         if channel is None:
             channel = open_channel(conn)
+        if cancel is not None and not cancel.track(channel):
+            raise _Cancelled
         transport = channel.get_transport()
+        # stdin stays open and silent: EOF on it tells the node's watchdog to kill
+        # the command (the command itself reads /dev/null).
         channel.exec_command(line)
-        channel.shutdown_write()  # no stdin: a command that reads it sees EOF, not a hang
         deadline = None if timeout is None else time.monotonic() + timeout + KILL_GRACE
         while True:
             while channel.recv_ready():
-                chunk = channel.recv(65536)
-                out += chunk
-                if splitters:
-                    splitters[0].feed(chunk)
+                feeds[0](channel.recv(65536))
             while channel.recv_stderr_ready():
-                chunk = channel.recv_stderr(65536)
-                err += chunk
-                if splitters:
-                    splitters[1].feed(chunk)
+                feeds[1](channel.recv_stderr(65536))
             drained = not channel.recv_ready() and not channel.recv_stderr_ready()
             if (channel.eof_received or channel.closed) and drained:
                 break
+            if cancel is not None and cancel.cancelled:
+                raise _Cancelled
             _check_alive(transport, deadline)
             select.select([channel], [], [], _slice(deadline))
         # Output is complete; the exit status follows (or the command still runs
@@ -167,6 +187,8 @@ def execute(
         while not channel.status_event.wait(_slice(deadline)):
             if channel.closed:
                 break
+            if cancel is not None and cancel.cancelled:
+                raise _Cancelled
             _check_alive(transport, deadline)
         status = channel.exit_status if channel.status_event.is_set() else -1
         ran_out = timeout is not None and time.monotonic() - start >= timeout
@@ -180,16 +202,21 @@ def execute(
             result.exit = status
     except _Deadline:
         result.error = f"timed out after {timeout:g} s"
+    except _Cancelled:
+        result.error = "interrupted (remote command killed)" if channel else "not run: interrupted"
     except Exception as exc:  # one node's failure is data, not an exception
         result.error = describe_error(exc, conn.connect_timeout)
     finally:
         if channel is not None:
+            if cancel is not None:
+                cancel.untrack(channel)
             channel.close()
         if splitters:
             for splitter in splitters:
                 splitter.close()
-    result.stdout = out.decode("utf-8", "replace")
-    result.stderr = err.decode("utf-8", "replace")
+    if captures:
+        result.stdout, result.stdout_dropped = captures[0].text(), captures[0].dropped
+        result.stderr, result.stderr_dropped = captures[1].text(), captures[1].dropped
     result.seconds = time.monotonic() - start
     return result
 
@@ -268,15 +295,28 @@ def run(
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,
     on_result: Callable[[NodeResult], None] | None = None,
+    max_output: int = defaults.MAX_OUTPUT,
 ) -> RunReport:
-    """Run ``command`` on every Connection of ``group`` (opened as needed, left open)."""
+    """Run ``command`` on every Connection of ``group`` (opened as needed, left open).
+
+    The command sees ``MENTO_RUN_ID``, the same on every node of this run. An
+    exception in the caller's thread (KeyboardInterrupt) kills the commands still
+    running before it propagates, and starts no more.
+    """
     if timeout is not None and timeout <= 0:
         raise BadInput("timeout must be positive")
-    _remote_command(command, env, timeout)  # bad env names are the caller's error, raised now
+    if max_output < 0:
+        raise BadInput("the output limit cannot be negative")
+    check_env(env)  # bad env names are the caller's error, raised now
     start = time.monotonic()
+    run_id = new_run_id()
+    cancel = Cancel()
 
     def one(conn: fabric.Connection) -> NodeResult:
-        return execute(conn, command, timeout=timeout, env=env, on_line=on_line)
+        return execute(
+            conn, command, timeout=timeout, env=env, on_line=on_line,
+            max_output=max_output, run_id=run_id, cancel=cancel,
+        )  # fmt: skip
 
     def done(node: str, value: NodeResult | BaseException) -> None:
         if on_result is not None and isinstance(value, NodeResult):
@@ -284,7 +324,11 @@ def run(
 
     nested = getattr(_worker, "active", False)
     pool = None if nested else _shared_pool(fanout)
-    outcome = map_nodes(group, one, fanout=fanout, on_done=done, executor=pool)
+    try:
+        outcome = map_nodes(group, one, fanout=fanout, on_done=done, executor=pool)
+    except BaseException:
+        cancel.cancel()
+        raise
     results = [
         v if isinstance(v, NodeResult) else NodeResult(node=n, error=describe_error(v))
         for n, v in outcome.items()
@@ -302,6 +346,7 @@ def run_on_nodes(
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,
     on_result: Callable[[NodeResult], None] | None = None,
+    max_output: int = defaults.MAX_OUTPUT,
     **group_options: Any,
 ) -> RunReport:
     """Run ``command`` on the beamtime's reserved nodes and report per node.
@@ -323,6 +368,7 @@ def run_on_nodes(
             env=env,
             on_line=on_line,
             on_result=on_result,
+            max_output=max_output,
         )
     finally:
         if own:

@@ -10,7 +10,8 @@ import pytest
 
 from mento_fab import gather
 from mento_fab.nodes import KnownHosts, SelectionError, fold, select_nodes
-from mento_fab.runner import NodeResult, RunReport, _remote_command
+from mento_fab.remote import remote_command
+from mento_fab.runner import NodeResult, RunReport
 
 RESERVED = ["max-p3a001", "max-p3a002", "max-p3a003", "max-p3a004"]
 
@@ -47,12 +48,15 @@ def test_select_refuses_an_empty_selection() -> None:
 
 
 def test_remote_command_quotes_env_and_wraps_timeout() -> None:
-    line = _remote_command("echo $X", {"X": "a b'c"}, 5)
-    assert line.startswith("export X='a b'\"'\"'c'; exec timeout ")
+    line = remote_command("echo $X", {"X": "a b'c"}, 5, run_id="r1")
+    assert "export MENTO_RUN_ID X='a b'\"'\"'c';" in line
+    assert " timeout -k 1.5 5 " in line
     assert "-c 'echo $X'" in line
-    assert _remote_command("true", None, None) == "true"
+    assert remote_command("true", None, None, run_id="r1").endswith("; true")
     with pytest.raises(ValueError, match="environment variable"):
-        _remote_command("true", {"BAD NAME": "x"}, None)
+        remote_command("true", {"BAD NAME": "x"}, None)
+    with pytest.raises(ValueError, match="set by mento_fab"):
+        remote_command("true", {"MENTO_RUN_ID": "x"}, None)
 
 
 def _report() -> RunReport:
@@ -155,3 +159,65 @@ def test_map_nodes_with_nothing_to_do_returns_nothing() -> None:
     assert map_nodes([], lambda conn: 1) == {}
     with pytest.raises(ValueError, match="fanout"):
         map_nodes([], lambda conn: 1, fanout=0)
+
+
+def test_capture_keeps_the_head_counts_the_rest_and_never_splits_a_character() -> None:
+    from mento_fab.output import Capture
+
+    kept = Capture(limit=4)
+    kept.feed("aé€".encode())  # 1 + 2 + 3 bytes: the euro sign does not fit
+    kept.feed(b"more")
+    assert (kept.text(), kept.dropped) == ("aé", 3 + 4)
+    nothing = Capture(limit=0)
+    nothing.feed(b"abc")
+    assert (nothing.text(), nothing.dropped) == ("", 3)
+
+
+def test_line_splitter_hands_on_long_lines_in_pieces_with_bounded_memory() -> None:
+    import tracemalloc
+
+    from mento_fab.output import PIECE, LineSplitter
+
+    pieces: list[int] = []
+    splitter = LineSplitter(lambda text: pieces.append(len(text)))
+    chunk = b"x" * 65536
+    tracemalloc.start()
+    try:
+        for _ in range(320):  # one 20 MiB line
+            splitter.feed(chunk)
+        splitter.feed(b"\nend")
+        splitter.close()
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sum(pieces[:-1]) == 320 * 65536 and pieces[-1] == 3
+    assert len(pieces) > 2 and max(pieces) < 2 * PIECE
+    assert peak < 4 * PIECE + 3 * 65536  # the line was never held whole
+
+
+def test_line_splitter_keeps_characters_and_empty_lines_whole() -> None:
+    from mento_fab.output import LineSplitter
+
+    lines: list[str] = []
+    splitter = LineSplitter(lines.append, piece=1)
+    data = "é€\n\nab".encode()
+    for i in range(len(data)):  # byte by byte: characters arrive cut
+        splitter.feed(data[i : i + 1])
+    splitter.close()
+    assert lines == ["é", "€", "", "a", "b"]
+
+
+def test_dropped_output_is_reported_per_stream_with_nodes_folded() -> None:
+    rep = RunReport(
+        "x",
+        [
+            NodeResult("cn01", exit=0, stdout_dropped=5 * 2**20),
+            NodeResult("cn02", exit=0, stdout_dropped=5 * 2**20),
+            NodeResult("cn03", exit=0, stderr_dropped=1000),
+        ],
+    )
+    assert gather.dropped(rep) == [
+        "cn[01-02]: 5 MiB of stdout not kept (over the output limit)",
+        "cn03: 1000 B of stderr not kept (over the output limit)",
+    ]
+    assert rep.as_json()["nodes"][2]["dropped"] == {"stdout": 0, "stderr": 1000}

@@ -45,7 +45,7 @@ def nodes_of(nodeset: str) -> list[str]:
 def print_summary(report: RunReport, err: TextIO | None = None) -> None:
     err = err or sys.stderr
     sys.stdout.flush()  # the summary comes after the output, also on a shared terminal
-    for line in gather.problems(report):
+    for line in [*gather.problems(report), *gather.dropped(report)]:
         print(line, file=err)
     print(gather.summary_line(report), file=err)
 
@@ -56,7 +56,8 @@ def stream_printer(out: TextIO | None = None) -> Callable[[str, str, str], None]
     def on_line(node: str, stream: str, line: str) -> None:
         target = out or (sys.stdout if stream == "stdout" else sys.stderr)
         with _print_lock:
-            print(f"{node}: {line}", file=target, flush=True)
+            target.write(f"{node}: {line}\n")
+            target.flush()
 
     return on_line
 

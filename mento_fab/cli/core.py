@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 
 from invoke import Context, Exit
 
+from mento_fab import defaults
 from mento_fab.cli import console
 from mento_fab.cli.options import COMMON, NODES, Options, mento_task, number, print_json
 from mento_fab.errors import BadInput
@@ -112,6 +114,8 @@ def check(c: Context, opts: Options):
         "so pass a token's file path, never the token",
         "via": "ssh (default) or slurm (one srun in the reservation)",
         "submit_node": "with --via slurm: node to run srun on (default: first reachable)",
+        "max_output": "bytes of stdout and of stderr kept per node (K, M, G suffixes; default "
+        f"{defaults.MAX_OUTPUT // 2**20}M); the rest is counted and reported, not kept",
     },
     iterable=["env"],
 )
@@ -124,6 +128,7 @@ def run_on_nodes(
     stream: bool = False,
     via: str = "ssh",
     submit_node: str | None = None,
+    max_output: str | None = None,
 ):
     """Run COMMAND on every reserved node; identical outputs are shown once per node set."""
     from mento_fab.runner import run
@@ -138,6 +143,7 @@ def run_on_nodes(
         raise BadInput(f"--via must be ssh or slurm, not {via!r}")
     if timeout is not None:
         timeout = number("--timeout", timeout)
+    limit = defaults.MAX_OUTPUT if max_output is None else byte_count("--max-output", max_output)
     json = opts.json
     fanout = opts.fanout
     session = opts.session()
@@ -164,6 +170,7 @@ def run_on_nodes(
                     env=environment,
                     on_line=on_line,
                     on_result=progress.advance,
+                    max_output=limit,
                 )
     if json:
         print_json(result.as_json())
@@ -181,3 +188,15 @@ def run_on_nodes(
             console.print_summary(result)
     if result.exit_status:
         raise Exit(code=result.exit_status)
+
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMG]?)(?:i?B)?\s*$", re.IGNORECASE)
+
+
+def byte_count(option: str, value: str) -> int:
+    """``16M``, ``512k``, ``1G`` or plain bytes as a number of bytes (units of 1024)."""
+    match = _SIZE.match(str(value))
+    if not match:
+        raise BadInput(f"{option} takes a size such as 16M, 512K or 1048576, not {value!r}")
+    count, unit = int(match[1]), match[2].upper()
+    return count * 1024 ** " KMG".index(unit or " ")
