@@ -497,13 +497,19 @@ def slurm_session_md(path: Path):
 
 def test_cli_via_slurm_json_equals_via_ssh(slurm_lab, slurm_session) -> None:
     env = {"MENTO_SSH_CONFIG": str(slurm_lab.ssh_config), "MENTO_METADATA": str(slurm_session)}
-    results = {}
+    results, shapes = {}, {}
     for via in ("ssh", "slurm"):
         proc = mento("run-on-nodes", COMMAND, "--json", "--via", via, env=env)
         assert proc.returncode == 9, proc.stderr
         data = json.loads(proc.stdout)
         results[via] = [(n["node"], n["exit"], n["stdout"], n["stderr"]) for n in data["nodes"]]
+        # the same per-node record and summary as the SSH path (the scaling study compares them)
+        shapes[via] = (
+            sorted(data), sorted(data["summary"]),
+            [(sorted(n), n["error"], n["message"]) for n in data["nodes"]],
+        )  # fmt: skip
     assert results["slurm"] == results["ssh"]
+    assert shapes["slurm"] == shapes["ssh"]
 
 
 def test_via_slurm_timeout_and_a_node_subset(slurm_lab, slurm_session) -> None:
