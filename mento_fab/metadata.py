@@ -17,7 +17,6 @@ import os
 import re
 from pathlib import Path
 
-from mento_fab import metacache
 from mento_fab.beamtime import AsapoInfo, BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
 from mento_fab.defaults import MAX_METADATA_BYTES
 from mento_fab.errors import MetadataError, MissingFile, SeveralMetadataFiles
@@ -109,6 +108,8 @@ def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMe
     wrong inside it. A file the objects do not hold (the public key, the legacy
     token path) may be missing.
     """
+    from mento_fab import metacache  # hashlib, json: paid by the first load, not the import
+
     path = Path(metadatafile_path)
     raw = _read(path)
     cached = metacache.lookup(path, raw)
