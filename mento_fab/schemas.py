@@ -1,10 +1,13 @@
-"""marshmallow schemas: the only place that turns a metadata file into objects.
+"""marshmallow schemas: the only place that validates a metadata file.
 
 Declarative on purpose: every rule of ``metadata-format.md`` is a field, a
 validator or a hook below, and every violation comes back as data (the
 marshmallow error dict) before anything can reach a command line. Names that
 end up in ssh or shell commands (nodes, the account, ids) are checked here,
-once, so no later layer has to guess whether they are safe.
+once, so no later layer has to guess whether they are safe; a control
+character anywhere in the document is refused here too. The validated plain
+data becomes objects through :func:`mento_fab.beamtime.from_dict`, the same
+constructor the metadata cache uses.
 """
 
 from __future__ import annotations
