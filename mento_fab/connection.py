@@ -204,33 +204,49 @@ class NodeConnection(fabric.Connection):
     Nagle's algorithm on, each waits for the server's delayed ACK, which costs
     about 40 ms per command on an open connection. Without it a ``true`` on an
     open connection takes a few milliseconds.
+
+    Opening is serialised per Connection (:attr:`open_lock`): two threads that find
+    it closed (a run started from another run's callback) get one connection, not
+    two transports racing for one client.
     """
 
+    #: Declared on the class: invoke would store a new attribute in the config.
+    open_lock: threading.RLock | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open_lock = threading.RLock()
+
     def open(self) -> Any:
-        if self.is_connected:
-            return None
-        direct = not self.gateway and "sock" not in self.connect_kwargs
-        if direct:
+        with self.open_lock or contextlib.nullcontext():
+            if self.is_connected:
+                return None
+            return self._open()
+
+    def _open(self) -> Any:
+        sock = None
+        if not self.gateway and "sock" not in self.connect_kwargs:
             timeout = self.connect_timeout or defaults.CONNECT_TIMEOUT
+            sock = _connect_socket(self.host, int(self.port), timeout)
             # fabric hands connect_kwargs to paramiko: a socket given there skips
-            # paramiko's own (unbounded) lookup. This dict is this Connection's own.
-            self.connect_kwargs["sock"] = _connect_socket(self.host, int(self.port), timeout)
+            # paramiko's own (unbounded) lookup. The lock keeps this to one caller.
+            self.connect_kwargs["sock"] = sock
         try:
             result = super().open()
         except BaseException:
-            if direct and self.client.get_transport() is None:
-                self.connect_kwargs["sock"].close()  # paramiko never took it over
+            if sock is not None and self.client.get_transport() is None:
+                sock.close()  # paramiko never took it over
             raise
         finally:
-            if direct:
+            if sock is not None:
                 self.connect_kwargs.pop("sock", None)
-        sock = getattr(self.transport, "sock", None)
-        if isinstance(sock, socket.socket):
+        tcp = getattr(self.transport, "sock", None)
+        if isinstance(tcp, socket.socket):
             with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                tcp.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 # A node that vanishes without a reset (power, network) fails the
                 # socket once keepalives go unanswered, instead of hanging forever.
-                sock.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(DEAD_PEER_TIMEOUT * 1000))
+                tcp.setsockopt(socket.IPPROTO_TCP, TCP_USER_TIMEOUT, int(DEAD_PEER_TIMEOUT * 1000))
         if self.transport is not None:
             self.transport.set_keepalive(max(1, int(KEEPALIVE_INTERVAL)))
         return result
@@ -284,7 +300,8 @@ def node_connection(
     # paramiko's own name lookup: same policy, same timeouts, same socket handling.
     hop = conn.gateway
     while isinstance(hop, fabric.Connection):
-        hop.__class__ = NodeConnection  # adds behaviour only, no state
+        hop.__class__ = NodeConnection  # adds behaviour and a lock only
+        hop.open_lock = threading.RLock()
         _hold_to_policy(hop, policy, known, connect_timeout)
         hop = hop.gateway
     return conn
@@ -292,21 +309,27 @@ def node_connection(
 
 # ------------------------------------------------------------ open, re-open
 def ensure_open(conn: fabric.Connection) -> paramiko.Transport:
-    """Open the connection if needed (reconnecting after a drop) and return its transport."""
-    if not conn.is_connected:
-        if conn.transport is not None:  # dropped: start over with a fresh client state
-            conn.close()
-        try:
-            conn.open()
-        except paramiko.SSHException as exc:
-            # paramiko reports a failed handshake as "No existing session"; the
-            # transport kept the real reason (e.g. no banner from a non-SSH server).
-            transport = conn.client.get_transport()
-            saved = getattr(transport, "saved_exception", None)
-            if saved is not None and saved is not exc:
-                raise NodeError(describe_error(saved, conn.connect_timeout)) from None
-            raise
-    transport = conn.client.get_transport()
+    """Open the connection if needed (reconnecting after a drop) and return its transport.
+
+    Check, close and open happen under the Connection's lock (a NodeConnection's;
+    a caller's plain Connection has none), so a thread never closes a connection
+    another thread has just opened.
+    """
+    with getattr(conn, "open_lock", None) or contextlib.nullcontext():
+        if not conn.is_connected:
+            if conn.transport is not None:  # dropped: start over with a fresh client state
+                conn.close()
+            try:
+                conn.open()
+            except paramiko.SSHException as exc:
+                # paramiko reports a failed handshake as "No existing session"; the
+                # transport kept the real reason (e.g. no banner from a non-SSH server).
+                transport = conn.client.get_transport()
+                saved = getattr(transport, "saved_exception", None)
+                if saved is not None and saved is not exc:
+                    raise NodeError(describe_error(saved, conn.connect_timeout)) from None
+                raise
+        transport = conn.client.get_transport()
     if transport is None:
         raise NodeError("unreachable: no transport after connect")
     return transport

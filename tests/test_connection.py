@@ -257,3 +257,37 @@ def test_an_unresolvable_host_name_waits_no_longer_than_the_connect_timeout(
     assert proc.returncode == 255, proc.stderr
     assert f"cn04: unknown host: no answer resolving {name} within 2 s" in proc.stderr
     assert "3 ok" in proc.stderr
+
+
+# ------------------------------------------- one connection, however many callers
+def test_threads_opening_one_connection_at_once_share_one_transport(
+    lab: Lab, lab_session: Path, known_hosts: Path
+) -> None:
+    import threading
+
+    from mento_fab.connection import ensure_open
+
+    group = nodes_group(lab_session, ssh_config=lab.ssh_config, known_hosts=known_hosts)
+    callers = 3
+    start = threading.Barrier(callers * len(group))
+    seen: dict[str, list] = {}
+
+    def open_it(conn) -> None:
+        start.wait()
+        transport = ensure_open(conn)
+        seen.setdefault(conn.original_host, []).append(transport)
+
+    threads = [
+        threading.Thread(target=open_it, args=(conn,)) for conn in group for _ in range(callers)
+    ]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert sorted(seen) == ["cn01", "cn02", "cn03", "cn04"]
+        for node, transports in seen.items():
+            assert len(transports) == callers and len({id(t) for t in transports}) == 1, node
+            assert transports[0].is_active()
+    finally:
+        group.close()
