@@ -31,6 +31,7 @@ __all__ = [
     "BadInput",
     "BadPath",
     "BadPort",
+    "BadTrigger",
     "DeployError",
     "DeployLocked",
     "HostKeyRefused",
@@ -49,6 +50,8 @@ __all__ = [
     "SlurmError",
     "SlurmUnavailable",
     "TriggerError",
+    "TriggerTimeout",
+    "TriggerUnavailable",
     "UnknownJob",
     "UnmappablePath",
     "UnsafeSourceError",
@@ -174,3 +177,16 @@ class DeployLocked(DeployError):
 
 class TriggerError(MentoError, RuntimeError):
     """A trigger could not be sent (the handle carries the per-call error)."""
+
+
+class TriggerUnavailable(TriggerError, NotImplementedError):
+    """A trigger method that is not available here (``SLURM_REST_API``)."""
+
+
+class TriggerTimeout(TriggerError, TimeoutError):
+    """A trigger's handle was waited for longer than the caller allowed."""
+
+
+class BadTrigger(BadInput, RuntimeError):
+    """A trigger the original ``mento.trigger`` refuses with ``RuntimeError``: no command,
+    a script that is not executable, an unknown method, no reserved nodes (exit status 2)."""

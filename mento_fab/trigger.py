@@ -18,7 +18,17 @@ original could not give:
 - ``background=True`` puts the call on a bounded queue served by a worker
   thread, so an acquisition loop never blocks; a failure in the background is
   logged and kept on the handle. A full queue fails the handle at once
-  (logged), it never blocks the caller.
+  (logged), it never blocks the caller. After a failed connect, calls to that
+  node fail at once with the same error for ``connect_backoff`` seconds, so a
+  backlog for a dead node drains in moments, not one connect timeout per call;
+- a call still running when the script exits or is interrupted is ended on the
+  node, with everything it started (:mod:`mento_fab.remote`).
+
+Errors keep the original's types: a missing command or script that is not
+executable is a ``RuntimeError`` (:class:`~mento_fab.errors.BadTrigger`), a
+missing script a ``FileNotFoundError`` (:class:`~mento_fab.errors.MissingFile`),
+both also :class:`~mento_fab.errors.BadInput`; a failed call is a
+:class:`~mento_fab.errors.TriggerError` from :meth:`TriggerHandle.check`.
 """
 
 from __future__ import annotations
@@ -40,9 +50,20 @@ from typing import Any
 
 import fabric
 
+from mento_fab import defaults
 from mento_fab.commands import get_sbatch_command, get_ssh_command  # noqa: F401 (re-exported)
+from mento_fab.errors import (
+    BadInput,
+    BadTrigger,
+    MissingFile,
+    NodeError,
+    SelectionError,
+    TriggerError,
+    TriggerTimeout,
+    TriggerUnavailable,
+)
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import SelectionError, nodes_group
+from mento_fab.nodes import nodes_group
 from mento_fab.runner import NodeResult, describe_error, ensure_open, execute, open_channel
 from mento_fab.session import Session
 from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
@@ -56,6 +77,8 @@ DEFAULT_MAX_PENDING = 1000
 #: Seconds the interpreter's exit waits for background triggers, over all Triggers:
 #: an acquisition script must always be able to exit; what is left is logged.
 EXIT_DRAIN_TIMEOUT = 30.0
+#: Seconds after a failed connect during which calls to that node fail at once.
+CONNECT_BACKOFF = 5.0
 
 
 @unique
@@ -66,10 +89,6 @@ class TriggerMethod(IntEnum):
     REMOTE_COMMAND = auto()
     REMOTE_SBATCH_SCRIPT = auto()
     LOCAL_BASH_SCRIPT = auto()
-
-
-class TriggerError(RuntimeError):
-    """A trigger that did not succeed, raised by :meth:`TriggerHandle.check`."""
 
 
 @dataclass
@@ -101,9 +120,10 @@ class TriggerHandle:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> TriggerHandle:
-        """Block until the call has ended; TimeoutError if it has not after ``timeout``."""
+        """Block until the call has ended; TriggerTimeout (a TimeoutError) if it has not
+        after ``timeout``."""
         if not self._done.wait(timeout):
-            raise TimeoutError(f"trigger still running after {timeout:g} s: {self.command}")
+            raise TriggerTimeout(f"trigger still running after {timeout:g} s: {self.command}")
         return self
 
     def check(self) -> TriggerHandle:
@@ -141,7 +161,7 @@ def split_arg_list(arg_list: Sequence[Any] | None) -> list[str]:
     ``["cmd", a1, a2]``.
     """
     if not arg_list:
-        raise RuntimeError("Command (or executable script) not provided")
+        raise BadTrigger("Command (or executable script) not provided")
     if isinstance(arg_list, str):
         arg_list = [arg_list]
     first = str(arg_list[0])
@@ -152,7 +172,7 @@ def split_arg_list(arg_list: Sequence[Any] | None) -> list[str]:
     else:
         argv = [first, *map(str, arg_list[1:])]
     if not argv or not argv[0]:
-        raise RuntimeError("Command (or executable script) not provided")
+        raise BadTrigger("Command (or executable script) not provided")
     return argv
 
 
@@ -168,38 +188,31 @@ def _drain_at_exit() -> None:
         trig.close(wait=True, timeout=max(0.0, deadline - time.monotonic()))
 
 
-def retry_allowed(sent: bool, attempt: int) -> bool:
-    """Whether a failed remote call may be made again on a fresh connection.
-
-    Only when the exec request was provably never sent (the failure came while
-    opening the connection or a session), and only once: after ``exec_command``
-    the node may have run it (an sbatch would then submit twice).
-    """
-    return not sent and attempt == 1
-
-
 class Trigger:
     """Collective information needed to trigger an online analysis run, and the means to.
 
     ``metadata`` (an object or file) wins over ``beamline_root_dir``; the other
     keywords reach :func:`mento_fab.nodes.nodes_group`. ``timeout`` bounds each
     call (None: no limit). ``on_done`` is called with every finished handle.
+    ``connect_backoff``: seconds after a failed connect during which calls to that
+    node fail at once, each handle with that connect's error.
     """
 
     def __init__(
         self,
         trigger_method: TriggerMethod | int | str = TriggerMethod.REMOTE_SBATCH_SCRIPT,
-        beamline_root_dir: str | os.PathLike[str] = "/gpfs",
+        beamline_root_dir: str | os.PathLike[str] = defaults.ROOT_DIR,
         *,
         metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
         ssh_config: str | os.PathLike[str] | None = None,
         known_hosts: str | os.PathLike[str] | None = None,
-        host_keys: str = "accept-new",
-        connect_timeout: float = 10.0,
+        host_keys: str = defaults.HOST_KEYS,
+        connect_timeout: float = defaults.CONNECT_TIMEOUT,
         timeout: float | None = None,
         max_pending: int = DEFAULT_MAX_PENDING,
         workers: int = 1,
         on_done: Callable[[TriggerHandle], None] | None = None,
+        connect_backoff: float = CONNECT_BACKOFF,
     ) -> None:
         try:
             if isinstance(trigger_method, str):
@@ -207,15 +220,18 @@ class Trigger:
             else:
                 self.trigger_method = TriggerMethod(trigger_method)
         except (KeyError, ValueError):
-            raise RuntimeError(f"Trigger method not known: {trigger_method!s}") from None
+            raise BadTrigger(f"Trigger method not known: {trigger_method!s}") from None
         self.bt_info = Session.load(metadata, beamline_root_dir).metadata
         if self.trigger_method is not TriggerMethod.LOCAL_BASH_SCRIPT and not self.bt_info.online:
-            raise RuntimeError(
+            raise BadTrigger(
                 f"beamtime {self.bt_info.beamtime} has no reserved nodes (no onlineAnalysis)"
             )
         if max_pending < 1 or workers < 1:
-            raise ValueError("max_pending and workers must be at least 1")
+            raise BadInput("max_pending and workers must be at least 1")
+        if connect_backoff < 0:
+            raise BadInput("connect_backoff cannot be negative")
         self.timeout = timeout
+        self.connect_backoff = connect_backoff
         self.on_done = on_done
         self._group_options: dict[str, Any] = {
             "ssh_config": ssh_config,
@@ -228,6 +244,8 @@ class Trigger:
         #: dead node never holds up triggers to the others, or close().
         self._lock = threading.Lock()
         self._node_locks: dict[str, threading.Lock] = {}
+        #: node -> (monotonic time until which calls fail at once, the connect's error)
+        self._failed: dict[str, tuple[float, str]] = {}
         self._running: dict[int, TriggerHandle] = {}  # by id(): handles are unhashable
         #: How many times a connection was opened, per node (1 while it never dropped).
         self.connects: dict[str, int] = {}
@@ -261,18 +279,18 @@ class Trigger:
         are on the handle.
         """
         if self._closed:
-            raise RuntimeError("this Trigger is closed")
+            raise TriggerError("this Trigger is closed")
         method = self.trigger_method
         if method is TriggerMethod.SLURM_REST_API:
-            raise NotImplementedError("SLURM REST API not available")
+            raise TriggerUnavailable("SLURM REST API not available")
         argv = split_arg_list(arg_list)
         timeout = self.timeout if timeout is None else timeout
         if method is TriggerMethod.LOCAL_BASH_SCRIPT:
             script = argv[0]
             if not os.path.exists(script):
-                raise FileNotFoundError(f"File not found: {script}")
+                raise MissingFile(f"File not found: {script}")
             if not os.access(script, os.X_OK):
-                raise RuntimeError(f"File not executable: {script}")
+                raise BadTrigger(f"File not executable: {script}")
             handle = TriggerHandle(method, shlex.join(argv), None, background)
             work: Callable[[], None] = lambda: self._run_local(handle, argv, timeout)  # noqa: E731
         else:
@@ -365,7 +383,11 @@ class Trigger:
         return node
 
     def _connection(self, node: str) -> tuple[fabric.Connection, bool]:
-        """The node's open Connection, and whether this call opened it."""
+        """The node's open Connection, and whether this call opened it.
+
+        A failed connect raises :class:`NodeError` with its reason, and so does every
+        call to that node for :attr:`connect_backoff` seconds after it, at once.
+        """
         with self._lock:
             node_lock = self._node_locks.setdefault(node, threading.Lock())
         with node_lock:  # one connect per node at a time; other nodes go on
@@ -376,11 +398,23 @@ class Trigger:
                     self._connections[node] = conn
             if conn.is_connected:
                 return conn, False
-            ensure_open(conn)
+            until, error = self._failed.get(node, (0.0, ""))
+            if time.monotonic() < until:
+                raise NodeError(
+                    f"{error} (not tried again within {self.connect_backoff:g} s "
+                    "of a failed connect)"
+                )
+            try:
+                ensure_open(conn)
+            except Exception as exc:
+                error = describe_error(exc, self._group_options["connect_timeout"])
+                self._failed[node] = (time.monotonic() + self.connect_backoff, error)
+                raise NodeError(error) from None
+            self._failed.pop(node, None)
             with self._lock:
                 if self._connections.get(node) is not conn:  # close() ran meanwhile
                     conn.close()
-                    raise RuntimeError("this Trigger is closed")
+                    raise TriggerError("this Trigger is closed")
                 self.connects[node] = self.connects.get(node, 0) + 1
                 again = self.connects[node] > 1
             if again:
@@ -391,8 +425,9 @@ class Trigger:
         """One command over the node's connection.
 
         The session channel is opened first: if that fails on a connection that
-        was already open, nothing was sent, so the connection is re-opened once
-        (:func:`retry_allowed`). Once the exec request is sent there is no retry.
+        was already open, nothing was sent, so the connection is re-opened once.
+        Once the exec request is sent there is no retry: the node may have run the
+        command (an sbatch would then submit twice).
         """
         connect_timeout = self._group_options["connect_timeout"]
         for attempt in (1, 2):
@@ -405,12 +440,12 @@ class Trigger:
                 break
             except Exception as exc:
                 error = describe_error(exc, connect_timeout)
-                if fresh or not retry_allowed(sent=False, attempt=attempt):
+                if fresh or attempt == 2:
                     return NodeResult(node=node, error=error)
                 log.info("connection to %s was dead (%s); reconnecting", node, error)
                 with contextlib.suppress(Exception):
                     self._drop(node)
-        # sent from here on: never retried (retry_allowed)
+        # sent from here on: never retried
         return execute(conn, line, timeout=timeout, channel=channel)
 
     def _drop(self, node: str) -> None:
@@ -421,8 +456,10 @@ class Trigger:
             conn.close()
 
     def _run_remote(self, handle: TriggerHandle, node: str, timeout: float | None) -> None:
+        start = time.monotonic()
         result = self._execute(node, handle.command, timeout)
         handle._fill(result)
+        handle.seconds = time.monotonic() - start
         if handle.method is TriggerMethod.REMOTE_SBATCH_SCRIPT and result.ok:
             try:
                 handle.job_id = parse_job_id(result.stdout)

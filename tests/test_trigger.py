@@ -182,12 +182,58 @@ def test_a_connection_found_dead_before_sending_is_reopened_once(fake_node) -> N
     assert trig.connects == {str(trig.bt_info.online.nodes[0]): 2}
 
 
-def test_retry_only_before_the_exec_request_and_only_once() -> None:
-    from mento_fab.trigger import retry_allowed
+def test_a_connection_dead_again_after_reopening_is_not_retried_twice(fake_node) -> None:
+    trig, _, sent = fake_node
+    trig.run(["/x/job.sh"])
+    sent.clear()
+    real_open_session = _FakeTransport.open_session
 
-    assert retry_allowed(sent=False, attempt=1)
-    assert not retry_allowed(sent=True, attempt=1)
-    assert not retry_allowed(sent=False, attempt=2)
+    def always_dead(self, timeout=None):
+        raise EOFError
+
+    _FakeTransport.open_session = always_dead
+    try:
+        handle = trig.run(["/x/job.sh"])
+    finally:
+        _FakeTransport.open_session = real_open_session
+    assert sent == []  # nothing reached the node: neither attempt sent the command
+    assert handle.exit_status is None and "connection closed" in handle.error
+    assert trig.connects == {str(trig.bt_info.online.nodes[0]): 2}  # reopened once only
+
+
+def test_errors_keep_the_originals_types_and_are_mento_errors(beamtime, tmp_path) -> None:
+    from mento_fab.errors import BadInput, MentoError, TriggerTimeout
+
+    trig = Trigger(TriggerMethod.LOCAL_BASH_SCRIPT, beamtime.root)
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/sh\nexit 1\n")
+    calls = {
+        RuntimeError: lambda: trig.run([]),
+        FileNotFoundError: lambda: trig.run([str(tmp_path / "missing.sh")]),
+    }
+    for original, call in calls.items():
+        with pytest.raises(original) as caught:
+            call()
+        assert isinstance(caught.value, BadInput)  # bad input: exit status 2
+    with pytest.raises(RuntimeError) as unknown:
+        Trigger(99, beamtime.root)
+    assert isinstance(unknown.value, BadInput)
+    with pytest.raises(NotImplementedError) as rest:
+        Trigger(TriggerMethod.SLURM_REST_API, beamtime.root).run(["x"])
+    assert isinstance(rest.value, MentoError)
+    script.chmod(0o755)
+    handle = trig.run([str(script)])
+    with pytest.raises(TriggerError) as failed:
+        handle.check()
+    assert isinstance(failed.value, MentoError) and isinstance(failed.value, RuntimeError)
+    script.write_text("#!/bin/sh\nsleep 1\n")
+    slow = trig.run([str(script)], background=True)
+    with pytest.raises(TimeoutError) as waited:
+        slow.wait(0.01)
+    assert isinstance(waited.value, TriggerTimeout)
+    trig.close()
+    with pytest.raises(TriggerError, match="closed"):
+        trig.run([str(script)])
 
 
 def test_exit_drain_is_bounded_and_logs_what_it_abandons(
@@ -372,3 +418,94 @@ def test_a_node_that_hangs_on_connect_does_not_block_the_others(slurm_lab, tmp_p
         listener.wait()
         slurm_lab.start_sshd("cn02")
         trig.close()
+
+
+# ------------------------------------------------ dead nodes, script exits (issue 8)
+def test_a_backlog_for_a_dead_node_fails_fast_after_one_connect_timeout(lab, tmp_path) -> None:
+    md = lab.make_session(tmp_path, lab.nodes[:2])
+    trig = Trigger(
+        TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=lab.ssh_config,
+        known_hosts=lab.known_hosts, connect_timeout=2, connect_backoff=3,
+    )  # fmt: skip
+    lab.node_exec("cn02", ["ip", "link", "set", "eth0", "down"])  # connects hang: no answer
+    try:
+        handles = [trig.run(["true"], destination="cn02", background=True) for _ in range(20)]
+        for handle in handles:
+            handle.wait(WAIT)  # one connect timeout each: 40 s
+        waited = [h for h in handles if h.seconds >= 1.5]
+        assert len(waited) == 1, [round(h.seconds, 2) for h in handles]
+        assert all("connect timed out after 2 s" in h.error for h in handles)
+        assert all("not tried again within 3 s" in h.error for h in handles if h not in waited)
+        assert trig.run(["hostname"], destination="cn01").stdout == "cn01\n"  # others go on
+    finally:
+        lab.node_exec("cn02", ["ip", "link", "set", "eth0", "up"])
+    time.sleep(3)  # the back-off is over: the node is tried again
+    assert trig.run(["hostname"], destination="cn02").stdout == "cn02\n"
+    trig.close()
+
+
+TRIGGER_SCRIPT = """
+import sys
+import mento_fab.trigger as trigger
+
+trigger.EXIT_DRAIN_TIMEOUT = 1.0
+md, ssh_config, known_hosts, marker, how = sys.argv[1:]
+trig = trigger.Trigger(
+    trigger.TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=ssh_config,
+    known_hosts=known_hosts, workers=2,
+)
+trig.run(["sh", "-c", f"setsid sleep {marker}1 & sleep {marker}2"], destination="cn02",
+         background=True)
+if how == "exit":
+    trig.run(["sleep", f"{marker}3"], background=True)
+    print("started", flush=True)
+    sys.stdin.readline()  # the script ends here, its triggers still running
+else:
+    print("started", flush=True)
+    trig.run(["sleep", f"{marker}3"])  # interrupted by Ctrl-C
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "ctrl-c"])
+def test_a_script_that_ends_leaves_no_trigger_running(lab, lab_session, tmp_path, how) -> None:
+    import subprocess
+    import sys
+
+    marker = "87670"
+
+    def sleeping() -> list[int]:
+        return [
+            pid
+            for node in ("cn01", "cn02")
+            for pid, cmd in lab.node_pids(node).items()
+            if cmd.startswith(f"sleep {marker}")
+        ]
+
+    script = tmp_path / "acquire.py"
+    script.write_text(TRIGGER_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(lab_session), str(lab.ssh_config),
+         str(lab.known_hosts), marker, how],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "started\n"
+        deadline = time.monotonic() + WAIT
+        while len(sleeping()) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(sleeping()) == 3
+        if how == "exit":
+            proc.stdin.close()
+        else:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(WAIT)
+        deadline = time.monotonic() + 15
+        while sleeping() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert sleeping() == []
+    finally:
+        proc.kill()
+        proc.wait()
+        for pid in sleeping():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
