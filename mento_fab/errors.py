@@ -33,6 +33,7 @@ __all__ = [
     "BadPort",
     "BadTrigger",
     "DeployError",
+    "DeployInterrupted",
     "DeployLocked",
     "HostKeyRefused",
     "LocalExists",
@@ -173,6 +174,19 @@ class DeployError(MentoError, RuntimeError):
 
 class DeployLocked(DeployError):
     """Another deploy holds the target's lock; the message names the holder."""
+
+
+class DeployInterrupted(DeployError, KeyboardInterrupt):
+    """A signal stopped a deploy or rollback once no node was left half-way.
+
+    Also a ``KeyboardInterrupt``, so code that stops on Ctrl-C still does.
+    ``report`` (a ``DeployReport``) says which release each node is on.
+    """
+
+    def __init__(self, message: str, report: Any, signum: int) -> None:
+        super().__init__(message)
+        self.report = report
+        self.signum = signum
 
 
 class TriggerError(MentoError, RuntimeError):

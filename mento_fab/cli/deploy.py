@@ -7,7 +7,9 @@ exit status rule of ``run-on-nodes``. ``--exclude`` takes file patterns here (as
 
 from __future__ import annotations
 
+import contextlib
 import shlex
+from collections.abc import Iterator
 from typing import Any
 
 from invoke import Context, Exit
@@ -15,6 +17,7 @@ from invoke import Context, Exit
 from mento_fab import defaults
 from mento_fab.cli import console
 from mento_fab.cli.options import NODES_SKIP, Options, mento_task, print_json, whole
+from mento_fab.errors import BadInput, DeployInterrupted
 
 __all__ = ["deploy", "releases", "rollback"]
 
@@ -36,16 +39,41 @@ DEPLOY_HELP = {
     "pip_args": "extra pip install arguments, e.g. '--no-index --find-links /beamline/p11/wheels'",
     "keep": f"old releases to keep on each node (default {defaults.KEEP_RELEASES})",
     "dry_run": "show what would be sent where (and sizes); change nothing",
+    "lock_timeout": "seconds to wait while another deploy or rollback holds the target "
+    f"(default {defaults.LOCK_TIMEOUT:g})",
 }
 ROLLBACK_HELP = {
     "target": _TARGET_HELP,
-    "to": "release name to switch to (default: the one before current)",
+    "to": "release name to switch to (default: the live one before current)",
+    "lock_timeout": DEPLOY_HELP["lock_timeout"],
 }
 RELEASES_HELP = {"target": _TARGET_HELP}
 
 
 def _target(opts: Options, target: str | None) -> str | None:
     return target or opts.setting("deploy_target")
+
+
+def _lock_timeout(value: str | None) -> float:
+    if value is None:
+        return defaults.LOCK_TIMEOUT
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise BadInput(f"--lock-timeout takes a number of seconds, not {value!r}") from None
+    if not 0 <= seconds < 1e9:
+        raise BadInput(f"--lock-timeout must be 0 or more seconds, not {value!r}")
+    return seconds
+
+
+@contextlib.contextmanager
+def _reported_interrupt(json: bool) -> Iterator[None]:
+    """A signal during the switch: show where every node is, then exit as the signal says."""
+    try:
+        yield
+    except DeployInterrupted as exc:
+        _render(exc.report, json, exit_on_failure=False)
+        raise Exit(f"mento-fab: {exc}", code=128 + exc.signum) from None
 
 
 def _size(n: int | None) -> str:
@@ -67,28 +95,30 @@ def _note(result: Any) -> str:
     return "; ".join(parts)
 
 
-def _render(report: Any, json: bool) -> None:
+def _render(report: Any, json: bool, exit_on_failure: bool = True) -> None:
     if json:
         print_json(report.run.as_json(**report.json_extra()))
     else:
         rows = []
         for result in report.run.results:
             info = report.details.get(result.node)
-            rows.append([
-                result.node,
-                str(info.state) if info else ("ok" if result.ok else "failed"),
-                _size(info.bytes if info else None),
-                str(info.reused) if info and info.reused is not None else "-",
-                f"{result.seconds:.2f} s",
-                _note(result),
-            ])  # fmt: skip
+            rows.append(
+                [
+                    result.node,
+                    str(info.state) if info else ("ok" if result.ok else "failed"),
+                    _size(info.bytes if info else None),
+                    str(info.reused) if info and info.reused is not None else "-",
+                    f"{result.seconds:.2f} s",
+                    _note(result),
+                ]
+            )
         shown = "" if report.outcome == "unchanged" else f" {report.release or ''}"
         title = f"{report.action}{shown} -> {report.target}: {report.outcome}"
         console.print_table(title, ["node", "state", "sent", "reused", "time", "notes"], rows)
         for nodes in report.shared:
             print(f"shared target: {', '.join(nodes)} see one directory (staged once)")
         console.print_summary(report.run)
-    if report.exit_status:
+    if report.exit_status and exit_on_failure:
         raise Exit(code=report.exit_status)
 
 
@@ -104,6 +134,7 @@ def deploy(
     system_site_packages: bool = False,
     keep: int | None = None,
     dry_run: bool = False,
+    lock_timeout: str | None = None,
 ):
     """Ship SOURCE to every reserved node: stage everywhere, then switch `current` at once."""
     from mento_fab.deployment import SecretScan, beamtime_files, build_release
@@ -112,6 +143,7 @@ def deploy(
     workers, json = opts.fanout, opts.json
     session = opts.session()
     keep_releases = defaults.KEEP_RELEASES if keep is None else whole("--keep", keep)
+    wait = _lock_timeout(lock_timeout)
     release = build_release(
         source,
         exclude or [],
@@ -119,7 +151,7 @@ def deploy(
         install=install,
         secrets=SecretScan.for_metadata(session.metadata),  # before any connection is opened
     )
-    with opts.group(session) as grp:
+    with opts.group(session) as grp, _reported_interrupt(json):
         progress = console.Progress(len(grp), "staging", enabled=False if json else None)
         with progress:
             report = run_deploy(
@@ -133,6 +165,7 @@ def deploy(
                 keep=keep_releases,
                 dry_run=dry_run,
                 fanout=workers,
+                lock_timeout=wait,
                 on_event=lambda node, what: progress.advance() if what == "staged" else None,
                 release=release,
             )
@@ -149,20 +182,29 @@ def deploy(
 
 
 @mento_task(shared=NODES_SKIP, help=ROLLBACK_HELP)
-def rollback(c: Context, opts: Options, target: str | None = None, to: str | None = None):
-    """Switch every node back to the previous release (all nodes or none)."""
+def rollback(
+    c: Context,
+    opts: Options,
+    target: str | None = None,
+    to: str | None = None,
+    lock_timeout: str | None = None,
+):
+    """Switch every node back to the previous live release (all nodes or none)."""
     from mento_fab.deployment import rollback as run_rollback
 
     workers, json = opts.fanout, opts.json
     session = opts.session()
-    with opts.group(session) as grp:
-        report = run_rollback(grp, session, _target(opts, target), to=to, fanout=workers)
+    wait = _lock_timeout(lock_timeout)
+    with opts.group(session) as grp, _reported_interrupt(json):
+        report = run_rollback(
+            grp, session, _target(opts, target), to=to, fanout=workers, lock_timeout=wait
+        )
     _render(report, json)
 
 
 @mento_task(shared=NODES_SKIP, help=RELEASES_HELP)
 def releases(c: Context, opts: Options, target: str | None = None):
-    """List the releases on each node; `*` marks the current one."""
+    """List the releases on each node: `*` marks the current one, `!` one never live."""
     from mento_fab.deployment import default_target
     from mento_fab.deployment import releases as list_releases
 
@@ -172,23 +214,28 @@ def releases(c: Context, opts: Options, target: str | None = None):
     with opts.group(session) as grp:
         run, found = list_releases(grp, session, label, fanout=workers)
     if json:
-        print_json(
-            run.as_json(
-                target=label,
-                releases={
-                    n: {"current": r.current, "releases": r.releases} for n, r in found.items()
-                },
-            )
-        )
+        print_json(run.as_json(target=label, releases={n: r.as_dict() for n, r in found.items()}))
     else:
         rows = []
         for node, info in found.items():
             if info.error:
                 rows.append([node, "-", info.error])
                 continue
-            names = [f"*{r}" if r == info.current else r for r in info.releases] or ["(none)"]
+            live = set(info.live)
+            names = [
+                ("*" if r == info.current else "") + r + ("" if r in live else " !")
+                for r in info.releases
+            ] or ["(none)"]
             rows.append([node, info.current or "-", " ".join(names)])
         console.print_table(f"releases in {label}", ["node", "current", "releases"], rows)
+        if any(r not in set(i.live) for i in found.values() for r in i.releases):
+            print(
+                "! never went live on every node (an interrupted or failed deploy): "
+                "removed by the next deploy, never rolled back to"
+            )
+        for result in run.results:
+            if result.message:
+                print(f"{result.node}: {result.message}")
         console.print_summary(run)
     if run.exit_status:
         raise Exit(code=run.exit_status)

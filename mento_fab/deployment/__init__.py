@@ -7,7 +7,9 @@ One concept per module:
 - :mod:`.secrets`: refusing a source that holds the beamtime's key or a token;
 - :mod:`.envfiles`: ``.mento/beamtime.env``/``.json`` and token paths as nodes see them;
 - :mod:`.remote`: the shell commands sent to the nodes (tested by running them locally);
-- :mod:`.phases`: one function per step (probe, stage, switch, revert, prune);
+- :mod:`.phases`: one function per step (probe, stage, switch, revert, commit, prune);
+- :mod:`.lock`: one deploy or rollback per target at a time, dead holders taken over;
+- :mod:`.signals`: Ctrl-C, SIGTERM, SIGHUP held back while nodes switch;
 - :mod:`.orchestrate`: :func:`deploy`, the all-or-none rule over those steps;
 - :mod:`.history`: :func:`releases` and :func:`rollback`;
 - :mod:`.report`: :class:`DeployReport` with a :class:`NodeState` per node.

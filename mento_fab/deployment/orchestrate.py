@@ -1,39 +1,47 @@
-"""``deploy()``: the phases of :mod:`.phases` in order, and the all-or-none rule.
+"""``deploy()``: the steps of :mod:`.phases` in order, and the all-or-none rule.
 
-1. *probe* every node (what is ``current``?): an unchanged tree stops here;
-2. find nodes that share one target directory, so each directory is staged once;
+1. *probe* every node (what is ``current``?): an unchanged tree stops here, and a
+   dry run only plans;
+2. find nodes that share one target directory, so each directory is staged once,
+   and *lock* each directory (:mod:`.lock`): one deploy or rollback at a time;
 3. *stage* the release on every node (one archive per node over SFTP, checksum
    verified, unpacked into ``releases/.staging-<name>`` and renamed into place);
 4. only when every node has staged, *switch* ``current`` on every node with
    ``ln -s`` to a temporary name and ``mv -T`` (one atomic ``rename(2)``); if a
-   switch fails, every node that switched is switched back;
-5. *prune* old releases, only once every node is on the new one.
+   switch fails, every node that switched is switched back. Ctrl-C, SIGTERM and
+   SIGHUP wait until then (:mod:`.signals`);
+5. *commit*: the new release went live everywhere and enters each history;
+6. *prune* never-live releases and live ones beyond ``keep``; give the lock back.
 
-If staging fails anywhere, nothing switches and staged releases are removed.
+If staging fails anywhere, nothing switches and staged releases are removed. A
+node lost while switching may be on either release: it is reported ``unknown``,
+and the next deploy (or ``releases``) says so and sets it right.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from typing import Any
 
 import fabric
 
 from mento_fab import defaults
 from mento_fab.connection import connection_node
-from mento_fab.deployment import phases
+from mento_fab.deployment import lock, phases
 from mento_fab.deployment.envfiles import beamtime_files, default_target
-from mento_fab.deployment.phases import EventCallback, Failure, Plan, Probe, StageOptions
+from mento_fab.deployment.phases import EventCallback, Plan, Probe, StageOptions
 from mento_fab.deployment.remote import remote_dir
-from mento_fab.deployment.report import DeployReport, NodeDeploy, NodeState
+from mento_fab.deployment.report import DeployReport, Failure, NodeState, Tally
 from mento_fab.deployment.scan import Release, build_release
 from mento_fab.deployment.secrets import SecretScan
-from mento_fab.errors import BadInput
+from mento_fab.deployment.signals import SignalGuard
+from mento_fab.errors import BadInput, DeployInterrupted
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.results import NodeResult, RunReport
+from mento_fab.results import NodeResult
 from mento_fab.session import Session
 
 __all__ = ["deploy"]
@@ -41,61 +49,22 @@ __all__ = ["deploy"]
 log = logging.getLogger(__name__)
 
 SessionLike = Session | BeamtimeMetadata | str | os.PathLike[str]
+Conns = Sequence[fabric.Connection]
 
 
-@dataclass
-class _Tally:
-    """Per-node results and facts as the phases produce them, in the group's order."""
-
-    nodes: list[str]
-    results: dict[str, NodeResult] = field(default_factory=dict)
-    details: dict[str, NodeDeploy] = field(default_factory=dict)
-
-    def set(self, node: str, state: NodeState, result: NodeResult, **facts: object) -> None:
-        self.results[node] = result
-        self.details[node] = NodeDeploy(node, state, **facts)  # type: ignore[arg-type]
-
-    def fail(self, node: str, failure: Failure, seconds: float, **facts: object) -> None:
-        self.set(node, NodeState.FAILED, failure.result(node, seconds), **facts)
-
-    def ok(
-        self, node: str, state: NodeState, message: str, seconds: float = 0.0, **facts: object
-    ) -> None:
-        self.set(node, state, NodeResult(node, 0, seconds=seconds, message=message), **facts)
-
-    def report(
-        self,
-        outcome: str,
-        release: Release,
-        label: str,
-        start: float,
-        shared: list[list[str]] | None = None,
-    ) -> DeployReport:
-        run = RunReport(
-            f"deploy {release.name} to {label}",
-            [self.results[n] for n in self.nodes],
-            time.monotonic() - start,
-        )
-        details = {n: self.details[n] for n in self.nodes if n in self.details}
-        return DeployReport(
-            "deploy",
-            outcome,
-            label,
-            release.name,
-            release.content_hash,
-            run,
-            shared or [],
-            details,
-        )
-
-
-def _facts(plan: Plan) -> dict[str, object]:
+def _facts(plan: Plan | None) -> dict[str, Any]:
+    if plan is None:
+        return {}
     return {
         "bytes": plan.bytes,
         "sent_files": plan.sent_files,
         "reused": plan.reused,
         "base": plan.base,
     }
+
+
+def _name(link: str) -> str:
+    return link.rsplit("/", 1)[-1]
 
 
 def deploy(
@@ -111,6 +80,7 @@ def deploy(
     keep: int = defaults.KEEP_RELEASES,
     dry_run: bool = False,
     fanout: int = defaults.FANOUT,
+    lock_timeout: float = defaults.LOCK_TIMEOUT,
     on_event: EventCallback | None = None,
     release: Release | None = None,
 ) -> DeployReport:
@@ -121,11 +91,16 @@ def deploy(
     token paths to what the nodes see. ``install`` builds ``.venv`` in the release
     from ``requirements.txt``/``pyproject.toml`` with ``pip install <pip_args>``
     (e.g. ``--no-index --find-links DIR``) before the switch;
-    ``system_site_packages`` lets the venv see the node's own packages.
-    ``on_event(node, event)`` is called with ``probed``, ``staging``, ``staged``,
-    ``switched``. ``release`` (from :func:`build_release`) skips scanning ``source``.
-    Never raises for a node's failure; raises :class:`~mento_fab.errors.BadInput`
-    for bad input (a bad target, a source holding a secret).
+    ``system_site_packages`` lets the venv see the node's own packages. ``keep``
+    live releases are kept besides the current one. Another deploy of the same
+    target is waited for up to ``lock_timeout`` seconds. ``on_event(node, event)``
+    reports progress (events in :data:`~mento_fab.deployment.phases.EventCallback`).
+    ``release`` (from :func:`build_release`) skips scanning ``source``.
+
+    Never raises for a node's failure. Raises :class:`~mento_fab.errors.BadInput`
+    for bad input (a bad target, a source holding a secret),
+    :class:`~mento_fab.errors.DeployLocked` when the lock stays taken, and
+    :class:`~mento_fab.errors.DeployInterrupted` (with the report) after a signal.
     """
     start = time.monotonic()
     session = Session.load(session)
@@ -151,142 +126,338 @@ def deploy(
         release.source,
     )
     event = on_event or (lambda node, what: None)
-    tally = _Tally([connection_node(c) for c in conns])
+    tally = Tally(
+        "deploy",
+        [connection_node(c) for c in conns],
+        label,
+        release.name,
+        release.content_hash,
+        start,
+    )
 
-    # Phase 0: one read-only command per node: what is current there?
+    # Read only: what is current on each node? Nothing to do, or a node we cannot
+    # reach (then no node may switch), ends here.
     probed = phases.probe(conns, remote, fanout)
-    current: dict[str, str] = {}
     for node, value in probed.items():
-        if isinstance(value, Probe):
-            current[node] = value.link
-            event(node, "probed")
-            if value.content_hash == release.content_hash:
-                message = f"unchanged: already at {value.link}"
-                tally.ok(node, NodeState.UNCHANGED, message, current=value.link)
-        else:
-            tally.fail(node, value, phases.elapsed(start))
+        if isinstance(value, Failure):
+            tally.fail(node, value)
+            continue
+        event(node, "probed")
+        if value.content_hash == release.content_hash:
+            tally.ok(
+                node, NodeState.UNCHANGED, f"unchanged: already at {value.link}", current=value.link
+            )
     failed = sorted(n for n, v in probed.items() if isinstance(v, Failure))
     if len(tally.results) == len(conns) or (failed and not dry_run):
-        # Nothing to do, or a node we cannot reach: then no node may switch.
-        for node in tally.nodes:
-            if node not in tally.results:
-                tally.ok(node, NodeState.ABORTED, f"not staged: {', '.join(failed)} failed")
-        return tally.report("aborted" if failed else "unchanged", release, label, start)
-    todo = [c for c in conns if connection_node(c) not in tally.results]
-
+        tally.hold_back(f"not staged: {', '.join(failed)} failed")
+        return tally.report("aborted" if failed else "unchanged")
     if dry_run:
-        for node, value in phases.plan(todo, release, remote, current, fanout).items():
-            if isinstance(value, Failure):
-                tally.fail(node, value, phases.elapsed(start))
-                continue
-            message = (
-                f"would send {value.bytes} bytes ({value.sent_files} files, {value.reused} "
-                f"reused) to {label}/releases/{release.name}"
-            )
-            tally.ok(node, NodeState.DRY_RUN, message, **_facts(value))
-        outcome = "dry-run" if all(r.ok for r in tally.results.values()) else "aborted"
-        return tally.report(outcome, release, label, start)
+        todo = [c for c in conns if connection_node(c) not in tally.results]
+        current = {n: v.link for n, v in probed.items() if isinstance(v, Probe)}
+        return _dry_run(tally, release, todo, remote, current, fanout)
 
-    # Which nodes share one target directory: stage and switch once per group.
-    sharing = phases.find_shared(todo, remote, fanout)
-    for node, failure in sharing.failures.items():
-        tally.fail(node, failure, phases.elapsed(start))
+    sharing = phases.find_shared(conns, remote, fanout)
+    owner = lock.LockOwner.mine()
     reps = [g[0] for g in sharing.groups]
-    members = {connection_node(g[0]): [connection_node(c) for c in g] for g in sharing.groups}
-    shared = [m for m in members.values() if len(m) > 1]
+    try:
+        if sharing.failures:
+            tally.results.clear()
+            for node, failure in sharing.failures.items():
+                tally.fail(node, failure)
+            tally.hold_back(f"not staged: {', '.join(sorted(sharing.failures))} failed")
+            return tally.report("aborted")
+        members = {connection_node(g[0]): [connection_node(c) for c in g] for g in sharing.groups}
+        tally.shared = [m for m in members.values() if len(m) > 1]
+        locked = lock.acquire(
+            reps, remote, label, owner, lock_timeout, fanout, event, sharing.nonces
+        )
+        tally.results.clear()
+        tally.details.clear()
+        lock_failed = {n: v for n, v in locked.items() if isinstance(v, Failure)}
+        if lock_failed:
+            for node, failure in lock_failed.items():
+                for member in members[node]:
+                    tally.fail(member, failure)
+            tally.hold_back(f"not staged: {', '.join(sorted(lock_failed))} failed")
+            return tally.report("aborted")
+        probes = {n: Probe.parse(str(text)) for n, text in locked.items()}
+        with lock.Heartbeat(reps, remote, owner.run):
+            run = _Locked(tally, release, reps, members, probes, remote, fanout, event)
+            return run.deploy(StageOptions(install, pip_args, system_site_packages), keep)
+    finally:
+        lock.release(
+            [c for c in conns if connection_node(c) not in sharing.failures],
+            remote,
+            owner.run,
+            sharing.nonces,
+            fanout,
+            final=True,
+        )
 
-    # Phase 1: stage on one node per group.
-    stage_start = time.monotonic()
-    options = StageOptions(install, pip_args, system_site_packages)
-    staged = (
-        {}
-        if sharing.failures
-        else phases.stage(reps, release, remote, current, options, fanout, event)
-    )
-    stage_failed = {n: v for n, v in staged.items() if isinstance(v, Failure)}
-    if sharing.failures or stage_failed:
-        # Nothing switches anywhere; remove what was staged wherever the connection
-        # still works (a dead node's leftovers go with its next deploy).
-        answering = [
+
+def _dry_run(
+    tally: Tally,
+    release: Release,
+    todo: Conns,
+    remote: str,
+    current: dict[str, str],
+    fanout: int,
+) -> DeployReport:
+    """What staging would send where; nothing changes on any node."""
+    for node, value in phases.plan(todo, release, remote, current, fanout).items():
+        if isinstance(value, Failure):
+            tally.fail(node, value)
+            continue
+        message = (
+            f"would send {value.bytes} bytes ({value.sent_files} files, {value.reused} "
+            f"reused) to {tally.label}/releases/{release.name}"
+        )
+        tally.ok(node, NodeState.DRY_RUN, message, **_facts(value))
+    return tally.report("dry-run" if all(r.ok for r in tally.results.values()) else "aborted")
+
+
+class _Locked:
+    """The steps that run while this deploy holds the lock of every target directory."""
+
+    def __init__(
+        self,
+        tally: Tally,
+        release: Release,
+        reps: Conns,
+        members: dict[str, list[str]],
+        probes: dict[str, Probe],
+        remote: str,
+        fanout: int,
+        event: EventCallback,
+    ) -> None:
+        self.tally, self.reps, self.members = tally, list(reps), members
+        self.probes, self.remote, self.fanout = probes, remote, fanout
+        self.event = event
+        self.release = release
+        self.new = f"releases/{self.release.name}"
+        #: Where each target's ``current`` points now (None: unknown), as the steps report.
+        self.position: dict[str, str | None] = {n: p.link for n, p in probes.items()}
+        self.in_flight: set[str] = set()
+
+    def each(self, rep: str) -> list[str]:
+        return self.members[rep]
+
+    def note(self, rep: str) -> str:
+        """What the locked probe found that the user should know (a lost switch)."""
+        probe = self.probes[rep]
+        if probe.unconfirmed:
+            return (
+                f"; reconciled: it was on {_name(probe.link)}, which never went live on every node"
+            )
+        return ""
+
+    def track(self, node: str, what: str) -> None:
+        """Keep :attr:`position` true while nodes switch, for an interrupted report."""
+        if what in ("switching", "reverting"):
+            self.in_flight.add(node)
+        else:
+            self.in_flight.discard(node)
+            if what == "switched":
+                self.position[node] = self.new
+            elif what == "reverted":
+                self.position[node] = self.probes[node].link
+            elif what == "unknown":
+                self.position[node] = None
+        self.event(node, what)
+
+    def deploy(self, options: StageOptions, keep: int) -> DeployReport:
+        tally, release = self.tally, self.release
+        unchanged = [
             c
-            for c in reps
-            if not isinstance(v := staged.get(connection_node(c)), Failure) or v.error is None
+            for c in self.reps
+            if self.probes[connection_node(c)].content_hash == release.content_hash
         ]
-        phases.discard(answering, remote, release, sharing.nonces, fanout)
-        blame = ", ".join(sorted(set(stage_failed) | set(sharing.failures)))
-        for rep in reps:
-            node = connection_node(rep)
-            value = staged.get(node)
-            for member in members[node]:
-                if isinstance(value, Failure):
-                    tally.fail(member, value, phases.elapsed(stage_start))
-                elif isinstance(value, Plan):
-                    message = f"staged, then removed: not switched ({blame} failed)"
-                    tally.ok(member, NodeState.ABORTED, message, **_facts(value))
+        todo = [c for c in self.reps if c not in unchanged]
+        for conn in unchanged:
+            rep = connection_node(conn)
+            link = self.probes[rep].link
+            for member in self.each(rep):
+                tally.ok(
+                    member,
+                    NodeState.UNCHANGED,
+                    f"unchanged: already at {link}{self.note(rep)}",
+                    current=link,
+                )
+        if not todo:
+            confirm = [c for c in unchanged if self.probes[connection_node(c)].unconfirmed]
+            phases.commit(confirm, self.remote, self._names(confirm), self.fanout)
+            return tally.report("unchanged")
+
+        staged = phases.stage(
+            todo,
+            release,
+            self.remote,
+            dict(self.position),
+            options,  # type: ignore[arg-type]
+            self.fanout,
+            self.event,
+        )
+        if any(isinstance(v, Failure) for v in staged.values()):
+            return self._abort_staging(todo, staged)
+        plans = {n: v for n, v in staged.items() if isinstance(v, Plan)}
+
+        guard = SignalGuard()
+        switched: dict[str, Failure | None] = {}
+        stuck: dict[str, Failure | None] = {}
+        committed: dict[str, Failure | None] = {}
+        interrupted = False
+        with guard:
+            try:
+                switched = phases.switch(todo, self.remote, release.name, self.fanout, self.track)
+                if any(switched.values()):
+                    back = [c for c in todo if switched[connection_node(c)] is None]
+                    previous = {n: p.link for n, p in self.probes.items()}
+                    stuck = phases.revert(back, self.remote, previous, self.fanout, self.track)
                 else:
-                    tally.ok(member, NodeState.ABORTED, "not staged: another node failed")
-        log.warning("deploy aborted: staging failed on %s", blame)
-        return tally.report("aborted", release, label, start, shared)
-    plans: dict[str, Plan] = {n: v for n, v in staged.items() if isinstance(v, Plan)}
-
-    # Phase 2: every group staged: switch everywhere. Nothing is pruned yet, so a
-    # failure anywhere can still switch every other node back to what it had.
-    switch_start = time.monotonic()
-    switched = phases.switch(reps, remote, release, fanout, event)
-    bad = {n: f for n, f in switched.items() if f is not None}
-    stuck: dict[str, Failure] = {}
-    if bad:
-        back = [c for c in reps if connection_node(c) not in bad]
-        reverted = phases.revert(back, remote, current, fanout)
-        stuck = {n: f for n, f in reverted.items() if f is not None}
-
-    # Phase 3: every node is on the new release: prune. A failure leaves an old
-    # release behind, a warning only: the nodes are consistent either way.
-    warnings: dict[str, Failure] = {}
-    if not bad:
-        pruned = phases.prune(reps, remote, keep, sharing.nonces, fanout)
-        warnings = {n: f for n, f in pruned.items() if f is not None}
+                    committed = phases.commit(
+                        self.reps, self.remote, self._names(self.reps), self.fanout
+                    )
+            except KeyboardInterrupt:  # a second Ctrl-C: stop where we are, say where that is
+                interrupted = True
+        if interrupted:
+            report = self._interrupted(todo, plans)
+            raise DeployInterrupted("deploy interrupted while switching", report, signal.SIGINT)
+        bad = {n: f for n, f in switched.items() if f is not None}
+        warnings = {n: f for n, f in committed.items() if f is not None}
+        if not bad and guard.signum is None:
+            pruned = phases.prune(self.reps, self.remote, keep, self.fanout)
+            warnings.update({n: f for n, f in pruned.items() if f is not None})
         for node, failure in warnings.items():
             log.warning("%s: warning: %s", node, failure.reason)
+        self._switch_results(todo, plans, bad, {n: f for n, f in stuck.items() if f}, warnings)
+        report = tally.report("aborted" if bad else "switched")
+        if guard.signum is not None:
+            name = signal.Signals(guard.signum).name
+            raise DeployInterrupted(
+                f"deploy stopped by {name} once every node was "
+                f"{'switched back' if bad else 'switched'}",
+                report,
+                guard.signum,
+            )
+        return report
 
-    new_link = f"releases/{release.name}"
-    for rep in reps:
-        node = connection_node(rep)
-        facts = _facts(plans[node])
-        for member in members[node]:
-            if member != node:
-                facts = {**facts, "shared_with": node}
-            if node in bad:
-                tally.fail(member, bad[node], phases.elapsed(switch_start), **facts)
-            elif node in stuck:
-                # Still on the new release while the others went back: a failure.
-                tally.fail(
-                    member, stuck[node], phases.elapsed(switch_start), current=new_link, **facts
-                )
-            elif bad:
-                message = "switched back: another node failed"
-                tally.ok(
-                    member, NodeState.REVERTED, message, current=current[node] or None, **facts
-                )
-            else:
-                note = "" if member == node else f" (shared with {node})"
-                message = f"switched to {release.name}{note}"
-                warning = warnings.get(node)
-                if warning is not None:
-                    facts = {**facts, "warning": f"warning: {warning.reason}"}
-                    message = f"{message}; warning: {warning.reason}"
-                tally.set(
-                    member,
-                    NodeState.SWITCHED,
-                    NodeResult(
+    def _names(self, reps: Conns) -> dict[str, str]:
+        """The release each target is on now, to record as live."""
+        names = {}
+        for conn in reps:
+            rep = connection_node(conn)
+            link = self.position.get(rep) or self.probes[rep].link
+            names[rep] = _name(link)
+        return names
+
+    def _abort_staging(self, todo: Conns, staged: dict[str, Plan | Failure]) -> DeployReport:
+        """Staging failed somewhere: remove what was staged, switch nothing."""
+        answering = [
+            c
+            for c in todo
+            if not isinstance(v := staged[connection_node(c)], Failure) or v.error is None
+        ]
+        phases.discard(answering, self.remote, self.release, self.fanout)
+        blame = ", ".join(sorted(n for n, v in staged.items() if isinstance(v, Failure)))
+        for conn in todo:
+            rep = connection_node(conn)
+            value = staged[rep]
+            for member in self.each(rep):
+                if isinstance(value, Failure):
+                    self.tally.fail(member, value)
+                else:
+                    message = f"staged, then removed: not switched ({blame} failed)"
+                    self.tally.ok(member, NodeState.ABORTED, message, **_facts(value))
+        log.warning("deploy aborted: staging failed on %s", blame)
+        return self.tally.report("aborted")
+
+    def _switch_results(
+        self,
+        todo: Conns,
+        plans: dict[str, Plan],
+        bad: dict[str, Failure],
+        stuck: dict[str, Failure],
+        warnings: dict[str, Failure],
+    ) -> None:
+        name = self.release.name
+        for conn in todo:
+            rep = connection_node(conn)
+            facts = _facts(plans.get(rep))
+            for member in self.each(rep):
+                if member != rep:
+                    facts = {**facts, "shared_with": rep}
+                if rep in bad and bad[rep].uncertain:
+                    self._unknown(member, bad[rep], f"unknown: may be on release {name}", facts)
+                elif rep in bad:
+                    self.tally.fail(
+                        member, bad[rep], current=self.probes[rep].link or None, **facts
+                    )
+                elif rep in stuck and stuck[rep].uncertain:
+                    self._unknown(
+                        member, stuck[rep], f"unknown: may still be on release {name}", facts
+                    )
+                elif rep in stuck:
+                    # Still on the new release while the others went back: a failure.
+                    self.tally.fail(member, stuck[rep], current=self.new, **facts)
+                elif bad:
+                    self.tally.ok(
                         member,
-                        0,
-                        "",
-                        warning.stderr if warning else "",
+                        NodeState.REVERTED,
+                        "switched back: another node failed",
+                        current=self.probes[rep].link or None,
+                        **facts,
+                    )
+                else:
+                    self._switched(member, rep, warnings.get(rep), facts)
+
+    def _unknown(self, member: str, failure: Failure, message: str, facts: dict[str, Any]) -> None:
+        self.tally.set(member, NodeState.UNKNOWN, failure.result(member, message=message), **facts)
+
+    def _switched(
+        self, member: str, rep: str, warning: Failure | None, facts: dict[str, Any]
+    ) -> None:
+        note = "" if member == rep else f" (shared with {rep})"
+        message = f"switched to {self.release.name}{note}{self.note(rep)}"
+        if warning is not None:
+            facts = {**facts, "warning": f"warning: {warning.reason}"}
+            message = f"{message}; warning: {warning.reason}"
+        stderr = warning.stderr if warning else ""
+        self.tally.set(
+            member,
+            NodeState.SWITCHED,
+            NodeResult(member, 0, "", stderr, None, 0.0, message),
+            **facts,
+        )
+
+    def _interrupted(self, todo: Conns, plans: dict[str, Plan]) -> DeployReport:
+        """After a second Ctrl-C: every node's release, as far as anyone can know."""
+        name = self.release.name
+        for conn in todo:
+            rep = connection_node(conn)
+            where = None if rep in self.in_flight else self.position.get(rep)
+            for member in self.each(rep):
+                facts = _facts(plans.get(rep))
+                if where is None:
+                    result = NodeResult(
+                        member,
                         None,
-                        phases.elapsed(start),
-                        message,
-                    ),
-                    **facts,
-                )
-    return tally.report("aborted" if bad else "switched", release, label, start, shared)
+                        error="interrupted while switching",
+                        message=f"unknown: may be on release {name}",
+                    )
+                    self.tally.set(member, NodeState.UNKNOWN, result, **facts)
+                elif where == self.new:
+                    self.tally.ok(
+                        member,
+                        NodeState.SWITCHED,
+                        f"switched to {name}; then the deploy was interrupted",
+                        **facts,
+                    )
+                else:
+                    self.tally.ok(
+                        member,
+                        NodeState.ABORTED,
+                        "not switched: interrupted",
+                        current=where or None,
+                        **facts,
+                    )
+        return self.tally.report("interrupted")

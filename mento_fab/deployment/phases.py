@@ -1,5 +1,5 @@
 """The steps of a deploy, one function each: probe, find shared targets, plan, stage,
-discard, switch, revert, prune.
+discard, switch, revert, commit, prune (the lock is :mod:`.lock`).
 
 Each step takes the connections it works on and plain inputs, and returns one
 value per node: what the step found or did, or a :class:`Failure` (never an
@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import secrets
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ from typing import Any
 
 import fabric
 
-from mento_fab.connection import connection_node, describe_error, ensure_open
+from mento_fab.connection import connection_node, describe_error, ensure_open, open_channel
 from mento_fab.deployment import remote as sh
+from mento_fab.deployment.report import Failure
 from mento_fab.deployment.scan import Release
 from mento_fab.errors import NodeError
 from mento_fab.results import NodeResult
@@ -35,13 +37,14 @@ __all__ = [
     "STAGE_MIN_RATE",
     "STAGE_TIMEOUT",
     "EventCallback",
-    "Failure",
     "Plan",
     "Probe",
     "Sharing",
     "StageOptions",
     "StepFailed",
+    "commit",
     "discard",
+    "display",
     "find_shared",
     "plan",
     "probe",
@@ -65,35 +68,16 @@ REMOVE_TIMEOUT = 600.0
 STAGE_TIMEOUT = 300.0
 STAGE_MIN_RATE = 1_000_000
 INSTALL_TIMEOUT = 1800.0
-#: Events passed to ``on_event``: (node, event) — for progress and for tests.
+#: Events passed to ``on_event``: (node, event) — for progress and for tests:
+#: ``probed``, ``waiting for the lock``, ``staging``, ``staged``, ``switching``,
+#: ``switched``, ``not switched``, ``unknown``, ``reverting``, ``reverted``,
+#: ``not reverted``.
 EventCallback = Callable[[str, str], None]
+#: What a failing remote command says when a disk is full.
+NO_SPACE = "No space left on device"
 
 
 # ------------------------------------------------------------------- results
-
-
-@dataclass
-class Failure:
-    """Why a step failed on one node, in the shared per-node shape."""
-
-    #: The tool's words ("staging failed: checksum mismatch after upload"); None when
-    #: ``error`` says it all.
-    message: str | None = None
-    #: The remote command's exit status; None when it never ran or never ended.
-    exit: int | None = None
-    #: The remote command's own stderr.
-    stderr: str = ""
-    #: A connection-level problem (unreachable, lost, timed out).
-    error: str | None = None
-
-    def result(self, node: str, seconds: float = 0.0, message: str | None = None) -> NodeResult:
-        return NodeResult(
-            node, self.exit, "", self.stderr, self.error, seconds, message or self.message
-        )
-
-    @property
-    def reason(self) -> str:
-        return self.error or self.message or f"exit {self.exit}"
 
 
 class StepFailed(NodeError):
@@ -109,6 +93,11 @@ def failure_of(value: BaseException) -> Failure:
     if isinstance(value, StepFailed):
         return value.failure
     return Failure(error=describe_error(value))
+
+
+def display(remote: str) -> str:
+    """A target as the user wrote it: home-relative ones with ``~/`` again."""
+    return remote if remote.startswith("/") else f"~/{remote}"
 
 
 def run_step(conn: fabric.Connection, command: str, what: str, timeout: float) -> NodeResult:
@@ -141,10 +130,24 @@ def _failures(outcome: dict[str, Any]) -> dict[str, Failure | None]:
 
 @dataclass
 class Probe:
-    """What a node has now: ``current``'s link (``releases/<name>`` or "") and content hash."""
+    """What a node has now: ``current``'s link (``releases/<name>`` or "") and content hash.
+
+    ``live`` is the last release that went live there (None: the target keeps no history).
+    """
 
     link: str
     content_hash: str
+    live: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Probe:
+        return cls(*sh.parse_probe(text), sh.parse_live(text))
+
+    @property
+    def unconfirmed(self) -> bool:
+        """``current`` is a release that never went live on every node (a lost switch)."""
+        name = self.link.rsplit("/", 1)[-1]
+        return bool(name) and self.live is not None and name != self.live
 
 
 def probe(
@@ -154,7 +157,7 @@ def probe(
 
     def one(conn: fabric.Connection) -> Probe:
         res = run_step(conn, sh.probe_command(remote), "probe", COMMAND_TIMEOUT)
-        return Probe(*sh.parse_probe(res.stdout))
+        return Probe.parse(res.stdout)
 
     done, failed = _split(map_nodes(conns, one, fanout=fanout))
     return {
@@ -272,12 +275,30 @@ def plan(
 
 
 def _upload(sftp: Any, path: str, data: bytes) -> None:
-    """Write ``data`` to ``path`` with pipelined SFTP writes (one round trip at close)."""
+    """Write ``data`` to ``path`` with pipelined SFTP writes, and check that all arrived.
+
+    paramiko checks pipelined writes before the final flush only, and never the
+    answer to closing the file: flush first, then compare the size on the node.
+    """
     view = memoryview(data)
     with sftp.open(path, "wb") as handle:
         handle.set_pipelined(True)
         for start in range(0, len(view), CHUNK):
             handle.write(view[start : start + CHUNK])
+        handle.flush()
+    size = sftp.stat(path).st_size
+    if size != len(data):
+        raise OSError(f"{path}: {size} of {len(data)} bytes written")
+
+
+def _free_bytes(conn: fabric.Connection, path: str) -> int | None:
+    """Bytes available to the account on the filesystem holding ``path``, if known."""
+    res = execute(conn, f"df -P -k -- {shlex.quote(path)} | tail -n 1", timeout=COMMAND_TIMEOUT)
+    fields = res.stdout.split()
+    try:
+        return int(fields[3]) * 1024 if res.ok else None
+    except (IndexError, ValueError):
+        return None
 
 
 def _stage_timeout(size: int, install: bool) -> float:
@@ -308,6 +329,7 @@ def stage(
             drop = release.dropped(base_manifest or [])
             listing = b"\0".join(p.encode("utf-8", "surrogateescape") for p in drop)
             uploads.append((f"{remote}/releases/.{release.name}.drop", listing))
+        no_space = f"no space left on {node}:{display(remote)}"
         try:
             sftp = ensure_open(conn).open_sftp_client()
             # A stalled transfer (vanished node) raises instead of waiting forever.
@@ -319,6 +341,10 @@ def stage(
                 sftp.close()
         except OSError as exc:
             # paramiko's SFTP errors are IOErrors: the node's failure, not bad input.
+            # SFTP (version 3) has no "disk full" status: ask the node how much is free.
+            free = _free_bytes(conn, f"{remote}/releases")
+            if free is not None and free < len(data):
+                raise StepFailed(Failure(no_space, error=no_space)) from None
             what = exc.strerror or str(exc) or type(exc).__name__
             raise StepFailed(Failure(error=f"upload of {uploads[0][0]} failed: {what}")) from None
         checksum = hashlib.sha256(data).hexdigest()
@@ -331,7 +357,12 @@ def stage(
             options.pip_args,
             options.system_site_packages,
         )
-        run_step(conn, command, "staging", _stage_timeout(len(data), options.install))
+        try:
+            run_step(conn, command, "staging", _stage_timeout(len(data), options.install))
+        except StepFailed as exc:
+            if NO_SPACE in exc.failure.stderr:
+                exc.failure.message = no_space
+            raise
         event(node, "staged")
         return Plan(len(data), len(release.user_files) - len(reused), len(reused), link or None)
 
@@ -339,47 +370,80 @@ def stage(
     return {**done, **failed}
 
 
-def discard(
-    conns: Sequence[fabric.Connection],
-    remote: str,
-    release: Release,
-    nonces: Sequence[str],
-    fanout: int,
-) -> None:
-    """Remove a staged release and the nonce files wherever the node still answers."""
-    command = sh.discard_command(remote, release.name, nonces)
+def discard(conns: Sequence[fabric.Connection], remote: str, release: Release, fanout: int) -> None:
+    """Remove a staged release (and its uploads) wherever the node still answers."""
+    command = sh.discard_command(remote, release.name)
     map_nodes(conns, lambda c: execute(c, command, timeout=REMOVE_TIMEOUT), fanout=fanout)
 
 
 # ------------------------------------------------------------ switch, revert
 
 
+def _switch_one(
+    conn: fabric.Connection, command: str, what: str, event: EventCallback, verb: str, remote: str
+) -> None:
+    """Run a switch command; a failure after the command reached the node is uncertain.
+
+    The session channel is opened first: when that fails, nothing reached the node
+    and it is certainly where it was.
+    """
+    node = connection_node(conn)
+    try:
+        channel = open_channel(conn)
+    except Exception as exc:
+        event(node, f"not {verb}")
+        raise StepFailed(Failure(error=describe_error(exc, conn.connect_timeout))) from None
+    event(node, verb.replace("switched", "switching").replace("reverted", "reverting"))
+    result = execute(conn, command, timeout=COMMAND_TIMEOUT, channel=channel)
+    if result.error:
+        event(node, "unknown")
+        raise StepFailed(Failure(error=result.error, stderr=result.stderr, uncertain=True))
+    if result.exit != 0:
+        event(node, f"not {verb}")
+        lines = result.stderr.strip().splitlines()
+        detail = "; ".join(lines[-3:]) or f"exit {result.exit}"
+        message = f"{what} failed: {detail}"
+        if NO_SPACE in result.stderr:
+            message = f"no space left on {node}:{display(remote)}"
+        raise StepFailed(Failure(message, result.exit, result.stderr))
+    event(node, verb)
+
+
 def switch(
     reps: Sequence[fabric.Connection],
     remote: str,
-    release: Release,
+    name: str,
     fanout: int,
     event: EventCallback,
 ) -> dict[str, Failure | None]:
-    """Point ``current`` at the new release on each node; None where that succeeded."""
+    """Point ``current`` at release ``name`` on each node; None where that succeeded.
+
+    A :class:`Failure` with ``uncertain`` set marks a node lost after the command
+    was sent: it may be on either release.
+    """
     tmp = f".current-{secrets.token_hex(6)}"
-    command = sh.switch_command(remote, f"releases/{release.name}", tmp)
+    command = sh.switch_command(remote, f"releases/{name}", tmp)
 
     def one(conn: fabric.Connection) -> None:
-        run_step(conn, command, "switching current", COMMAND_TIMEOUT)
-        event(connection_node(conn), "switched")
+        _switch_one(conn, command, "switching current", event, "switched", remote)
 
     return _failures(map_nodes(reps, one, fanout=fanout))
 
 
 def revert(
-    conns: Sequence[fabric.Connection], remote: str, previous: dict[str, str], fanout: int
+    conns: Sequence[fabric.Connection],
+    remote: str,
+    previous: dict[str, str],
+    fanout: int,
+    event: EventCallback | None = None,
 ) -> dict[str, Failure | None]:
     """Switch ``conns`` back to ``previous[node]`` (a link; "" removes ``current``).
 
-    None where that succeeded; a :class:`Failure` marks a node still on the new release.
+    None where that succeeded; a :class:`Failure` marks a node still on the new
+    release (or, ``uncertain``, maybe).
     """
     tmp = f".current-{secrets.token_hex(6)}"
+    tell = event or (lambda node, what: None)
 
     def one(conn: fabric.Connection) -> None:
         link = previous[connection_node(conn)]
@@ -387,7 +451,7 @@ def revert(
             command = sh.switch_command(remote, link, tmp)
         else:
             command = sh.unlink_current_command(remote)
-        run_step(conn, command, "switching back", COMMAND_TIMEOUT)
+        _switch_one(conn, command, "switching back", tell, "reverted", remote)
 
     outcome = _failures(map_nodes(conns, one, fanout=fanout))
     for node, failure in outcome.items():
@@ -396,11 +460,24 @@ def revert(
     return outcome
 
 
-def prune(
-    reps: Sequence[fabric.Connection], remote: str, keep: int, nonces: Sequence[str], fanout: int
+def commit(
+    reps: Sequence[fabric.Connection], remote: str, names: dict[str, str], fanout: int
 ) -> dict[str, Failure | None]:
-    """Remove old releases beyond ``keep`` and the nonce files; a failure is only a warning."""
-    command = sh.prune_command(remote, keep, nonces)
+    """Record ``names[node]`` as live in each node's history (every node is on it now)."""
+    when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+    def one(conn: fabric.Connection) -> None:
+        command = sh.commit_command(remote, names[connection_node(conn)], when)
+        run_step(conn, command, "recording the live release", COMMAND_TIMEOUT)
+
+    return _failures(map_nodes(reps, one, fanout=fanout))
+
+
+def prune(
+    reps: Sequence[fabric.Connection], remote: str, keep: int, fanout: int
+) -> dict[str, Failure | None]:
+    """Remove never-live releases and live ones beyond ``keep``; a failure is only a warning."""
+    command = sh.prune_command(remote, keep)
 
     def one(conn: fabric.Connection) -> None:
         run_step(conn, command, "pruning old releases", REMOVE_TIMEOUT)

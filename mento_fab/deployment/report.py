@@ -16,12 +16,13 @@ status comes from the nodes that failed.
 from __future__ import annotations
 
 import enum
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from mento_fab.results import RunReport
+from mento_fab.results import NodeResult, RunReport
 
-__all__ = ["DeployReport", "NodeDeploy", "NodeReleases", "NodeState"]
+__all__ = ["DeployReport", "Failure", "NodeDeploy", "NodeReleases", "NodeState", "Tally"]
 
 
 class NodeState(enum.StrEnum):
@@ -41,6 +42,32 @@ class NodeState(enum.StrEnum):
     FAILED = "failed"
     #: The node was lost while switching: it may be on either release.
     UNKNOWN = "unknown"
+
+
+@dataclass
+class Failure:
+    """Why a step failed on one node, in the shared per-node shape."""
+
+    #: The tool's words ("staging failed: checksum mismatch after upload"); None when
+    #: ``error`` says it all.
+    message: str | None = None
+    #: The remote command's exit status; None when it never ran or never ended.
+    exit: int | None = None
+    #: The remote command's own stderr.
+    stderr: str = ""
+    #: A connection-level problem (unreachable, lost, timed out).
+    error: str | None = None
+    #: The command reached the node but its answer did not come back: it may have run.
+    uncertain: bool = False
+
+    def result(self, node: str, seconds: float = 0.0, message: str | None = None) -> NodeResult:
+        return NodeResult(
+            node, self.exit, "", self.stderr, self.error, seconds, message or self.message
+        )
+
+    @property
+    def reason(self) -> str:
+        return self.error or self.message or f"exit {self.exit}"
 
 
 @dataclass
@@ -113,9 +140,89 @@ class DeployReport:
 
 @dataclass
 class NodeReleases:
-    """The releases one node has (oldest first) and the one ``current`` points at."""
+    """The releases one node has (oldest first), the one ``current`` points at, and
+    which went live when (``history``: ``[(UTC time, name)]``, None when the target
+    keeps none: then every release counts as live)."""
 
     node: str
     current: str | None
     releases: list[str]
     error: str | None = None
+    history: list[tuple[str, str]] | None = None
+
+    @property
+    def live(self) -> list[str]:
+        """Releases here that went live on every node, oldest first."""
+        if self.history is None:
+            return list(self.releases)
+        went_live = {name for _, name in self.history}
+        return [r for r in self.releases if r in went_live]
+
+    @property
+    def unconfirmed(self) -> bool:
+        """``current`` never went live on every node: a deploy lost this node while switching."""
+        if self.history is None or self.current is None:
+            return False
+        return not self.history or self.history[-1][1] != self.current
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "current": self.current,
+            "releases": self.releases,
+            "live": self.live,
+            "unconfirmed": self.unconfirmed,
+            "history": [list(h) for h in self.history] if self.history is not None else None,
+        }
+
+
+@dataclass
+class Tally:
+    """Per-node results and facts as the steps produce them, in the group's order."""
+
+    action: str
+    nodes: list[str]
+    label: str
+    release: str | None
+    content_hash: str | None
+    start: float
+    results: dict[str, NodeResult] = field(default_factory=dict)
+    details: dict[str, NodeDeploy] = field(default_factory=dict)
+    shared: list[list[str]] = field(default_factory=list)
+
+    def set(self, node: str, state: NodeState, result: NodeResult, **facts: Any) -> None:
+        result.seconds = result.seconds or time.monotonic() - self.start
+        self.results[node] = result
+        self.details[node] = NodeDeploy(node, state, **facts)
+
+    def fail(self, node: str, failure: Failure, **facts: Any) -> None:
+        self.set(node, NodeState.FAILED, failure.result(node), **facts)
+
+    def ok(self, node: str, state: NodeState, message: str, **facts: Any) -> None:
+        self.set(node, state, NodeResult(node, 0, message=message), **facts)
+
+    def hold_back(self, message: str) -> None:
+        """Every node without a result yet stays as it was: another node failed."""
+        for node in self.nodes:
+            if node not in self.results:
+                self.ok(node, NodeState.ABORTED, message)
+
+    def report(self, outcome: str) -> DeployReport:
+        command = (
+            f"{self.action} {self.release} to {self.label}"
+            if self.release
+            else (f"{self.action} {self.label}")
+        )
+        run = RunReport(
+            command, [self.results[n] for n in self.nodes], time.monotonic() - self.start
+        )
+        details = {n: self.details[n] for n in self.nodes if n in self.details}
+        return DeployReport(
+            self.action,
+            outcome,
+            self.label,
+            self.release,
+            self.content_hash,
+            run,
+            self.shared,
+            details,
+        )

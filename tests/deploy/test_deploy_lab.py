@@ -350,9 +350,13 @@ def test_a_failed_upload_is_the_nodes_failure_not_bad_input(lab, session, projec
     assert first.ok
     (project / "analysis.py").write_text("VERSION = 2\n")
     release = build_release(project)
-    # the archive's upload path is a directory on cn02: SFTP refuses to open it
-    on_node(lab, "cn02", f"mkdir {local_target}/releases/.{quote(release.name)}.tar")
-    report = deploy(grp, path, project, local_target, release=release)
+
+    def block_upload(node: str, event: str) -> None:
+        # the archive's upload path is a directory on cn02: SFTP refuses to open it
+        if node == "cn02" and event == "staging":
+            on_node(lab, "cn02", f"mkdir {local_target}/releases/.{quote(release.name)}.tar")
+
+    report = deploy(grp, path, project, local_target, release=release, on_event=block_upload)
     assert report.outcome == "aborted" and report.exit_status == 255, report.run.results
     cn02 = report.run["cn02"]
     assert cn02.exit is None and "upload of" in (cn02.error or "") and ".tar" in cn02.error

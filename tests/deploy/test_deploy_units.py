@@ -145,7 +145,9 @@ def test_generated_commands_quote_hostile_names(tmp_path: Path, evil: str) -> No
     assert remote.parse_probe(proc.stdout) == (f"releases/{second.name}", second.content_hash)
     listing = sh_run(remote.list_command(target), work).stdout.splitlines()
     assert listing == [f"link=releases/{second.name}", name, second.name]
-    proc = sh_run(remote.prune_command(target, 0, [f".probe-{evil}"]), work)
+    proc = sh_run(remote.prune_command(target, 0), work)
+    assert proc.returncode == 0, proc.stderr
+    proc = sh_run(remote.unlock_command(target, evil, [f".probe-{evil}"]), work)
     assert proc.returncode == 0, proc.stderr
     assert not list(tmp_path.rglob("pwned"))
 
