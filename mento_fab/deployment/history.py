@@ -136,7 +136,7 @@ def rollback(
     tally = Tally("rollback", [connection_node(c) for c in conns], label, None, None, start)
     owner = lock.LockOwner.mine()
     try:
-        locked = lock.acquire(conns, remote, label, owner, lock_timeout, fanout)
+        locked = lock.acquire(conns, remote, label, owner, lock_timeout, fanout, tidy=False)
         failed = {n: v for n, v in locked.items() if isinstance(v, Failure)}
         if failed:
             for node, failure in failed.items():

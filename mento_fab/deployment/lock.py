@@ -135,12 +135,13 @@ def _try(
     takeover: dict[str, str],
     fanout: int,
     nonces: Sequence[str],
+    tidy: bool,
 ) -> dict[str, str | BaseException]:
     """One attempt on every node: the lock command's output, or why it failed."""
 
     def one(conn: fabric.Connection) -> str:
         node = connection_node(conn)
-        command = sh.lock_command(remote, owner.record(), takeover.get(node), nonces=nonces)
+        command = sh.lock_command(remote, owner.record(), takeover.get(node), tidy, nonces)
         return phases.run_step(conn, command, "locking the target", phases.COMMAND_TIMEOUT).stdout
 
     return map_nodes(reps, one, fanout=fanout)
@@ -155,11 +156,14 @@ def acquire(
     fanout: int,
     on_wait: Callable[[str, str], None] | None = None,
     nonces: Sequence[str] = (),
+    *,
+    tidy: bool = True,
 ) -> dict[str, str | Failure]:
     """Lock ``remote`` on every node of ``reps``, waiting up to ``timeout`` seconds.
 
-    ``nonces`` (this run's nonce files) are removed on the way. Returns node -> the
-    lock command's output (a probe taken under the lock) or the
+    ``nonces`` (this run's nonce files) are removed on the way; ``tidy`` removes dead
+    runs' leftovers and never-live releases once the lock is taken (a deploy does).
+    Returns node -> the lock command's output (a probe taken under the lock) or the
     node's :class:`Failure` (then nothing is locked any more). Raises
     :class:`DeployLocked` naming the holder when the wait runs out.
     """
@@ -169,7 +173,7 @@ def acquire(
     takeover: dict[str, str] = {}
     delay = 0.2
     while True:
-        outcome = _try(reps, remote, owner, takeover, fanout, nonces)
+        outcome = _try(reps, remote, owner, takeover, fanout, nonces, tidy)
         texts = {n: v for n, v in outcome.items() if isinstance(v, str)}
         failures = {n: phases.failure_of(v) for n, v in outcome.items() if not isinstance(v, str)}
         held: list[_Held] = []
