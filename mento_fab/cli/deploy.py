@@ -122,6 +122,40 @@ def _render(report: Any, json: bool, exit_on_failure: bool = True) -> None:
         raise Exit(code=report.exit_status)
 
 
+def _print_releases(label: str, found: dict[str, Any]) -> None:
+    """One table per distinct listing, its nodes folded: each release, when it went live."""
+    from mento_fab.nodes import fold
+
+    groups: dict[str, list[str]] = {}
+    for node, info in found.items():
+        if info.error:
+            print(f"{node}: {info.error}")
+            continue
+        key = repr((info.current, info.releases, info.history))
+        groups.setdefault(key, []).append(node)
+    for nodes in groups.values():
+        info = found[nodes[0]]
+        went_live: dict[str, list[str]] = {}
+        for when, name in info.history or []:
+            went_live.setdefault(name, []).append(when)
+        live = set(info.live)
+        rows = []
+        for name in info.releases:
+            mark = "*" if name == info.current else ("!" if name not in live else "")
+            if info.history is None:
+                times = "(no history kept)"
+            else:
+                times = ", ".join(w for w in went_live.get(name, []) if w != "-") or (
+                    "before history was kept" if name in went_live else "never"
+                )
+            rows.append([mark, name, times])
+        title = f"releases in {label} on {fold(nodes)}"
+        console.print_table(title, ["", "release", "went live (UTC)"], rows or [["", "(none)", ""]])
+    never = any(n not in set(i.live) for i in found.values() if not i.error for n in i.releases)
+    legend = "! never went live on every node: removed by the next deploy, never rolled back to"
+    print("* current" + (f"   {legend}" if never else ""))
+
+
 @mento_task(shared=NODES_SKIP, help=DEPLOY_HELP, iterable=["exclude"])
 def deploy(
     c: Context,
@@ -204,7 +238,7 @@ def rollback(
 
 @mento_task(shared=NODES_SKIP, help=RELEASES_HELP)
 def releases(c: Context, opts: Options, target: str | None = None):
-    """List the releases on each node: `*` marks the current one, `!` one never live."""
+    """List the releases on each node, when each went live; `*` marks the current one."""
     from mento_fab.deployment import default_target
     from mento_fab.deployment import releases as list_releases
 
@@ -216,23 +250,7 @@ def releases(c: Context, opts: Options, target: str | None = None):
     if json:
         print_json(run.as_json(target=label, releases={n: r.as_dict() for n, r in found.items()}))
     else:
-        rows = []
-        for node, info in found.items():
-            if info.error:
-                rows.append([node, "-", info.error])
-                continue
-            live = set(info.live)
-            names = [
-                ("*" if r == info.current else "") + r + ("" if r in live else " !")
-                for r in info.releases
-            ] or ["(none)"]
-            rows.append([node, info.current or "-", " ".join(names)])
-        console.print_table(f"releases in {label}", ["node", "current", "releases"], rows)
-        if any(r not in set(i.live) for i in found.values() for r in i.releases):
-            print(
-                "! never went live on every node (an interrupted or failed deploy): "
-                "removed by the next deploy, never rolled back to"
-            )
+        _print_releases(label, found)
         for result in run.results:
             if result.message:
                 print(f"{result.node}: {result.message}")
