@@ -40,3 +40,21 @@ BAD_INPUT_EXIT = 2
 SLURM_TIME = "1-0"
 #: Seconds srun waits for its allocation before giving up (``srun --immediate``).
 SRUN_IMMEDIATE = 10
+#: Where workers keep their state and logs, relative to the home directory; one
+#: subdirectory per node (``<dir>/<hostname>/``), since the nodes share the home.
+WORKERS_DIR = ".mento_fab/workers"
+#: Seconds between SIGTERM and SIGKILL when a worker is stopped (``--grace``).
+WORKER_GRACE = 10.0
+#: Bytes of a worker's log file before it becomes ``log.1`` (one old file is kept).
+WORKER_LOG_CAP = 10 * 1024 * 1024
+#: ``--restart`` when none is given (as systemd's ``Restart=no``).
+WORKER_RESTART = "no"
+#: ``--max-restarts``: restarts in a row (of runs shorter than a minute) before giving up.
+WORKER_MAX_RESTARTS = 10
+#: Seconds before the first restart; doubled for each restart in a row, up to the maximum.
+WORKER_RESTART_DELAY = 1.0
+WORKER_RESTART_DELAY_MAX = 60.0
+#: Lines of each worker's log that ``logs`` shows per node (``--lines``).
+WORKER_LOG_LINES = 20
+#: Seconds between two refreshes of ``top``.
+TOP_INTERVAL = 2.0

@@ -54,8 +54,12 @@ __all__ = [
     "TriggerTimeout",
     "TriggerUnavailable",
     "UnknownJob",
+    "UnknownWorker",
     "UnmappablePath",
     "UnsafeSourceError",
+    "WorkerError",
+    "WorkerNameError",
+    "WorkerRunning",
 ]
 
 
@@ -204,3 +208,19 @@ class TriggerTimeout(TriggerError, TimeoutError):
 class BadTrigger(BadInput, RuntimeError):
     """A trigger the original ``mento.trigger`` refuses with ``RuntimeError``: no command,
     a script that is not executable, an unknown method, no reserved nodes (exit status 2)."""
+
+
+class WorkerNameError(BadInput):
+    """A worker name that is not ``[A-Za-z0-9_.-]+`` (or starts with a dot)."""
+
+
+class WorkerRunning(BadInput):
+    """``start`` of a worker that already runs on some node (``--replace`` replaces it)."""
+
+
+class UnknownWorker(BadInput):
+    """``logs``/``stop``/``ps`` of a worker that no selected node knows."""
+
+
+class WorkerError(MentoError, RuntimeError):
+    """A worker operation that could not be carried out (e.g. its Slurm job failed to start)."""

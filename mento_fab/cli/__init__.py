@@ -22,7 +22,7 @@ from mento_fab.defaults import BAD_INPUT_EXIT
 
 __all__ = ["main", "namespace", "program"]
 
-_TASK_MODULES = ("core", "slurm", "deploy", "access")
+_TASK_MODULES = ("core", "slurm", "deploy", "access", "workers")
 
 
 def namespace() -> Collection:
@@ -70,9 +70,16 @@ def _bad_usage(step: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _parse_tasks(program: Program) -> None:
+    from mento_fab.cli.argv import optional_positionals
+
+    program.core.unparsed = optional_positionals(program.core.unparsed, program.collection)
+    Program.parse_tasks(program)
+
+
 class MentoProgram(Program):
     parse_core = _bad_usage(Program.parse_core)
-    parse_tasks = _bad_usage(Program.parse_tasks)
+    parse_tasks = _bad_usage(_parse_tasks)
     parse_cleanup = _bad_usage(Program.parse_cleanup)
 
     def execute(self) -> None:
