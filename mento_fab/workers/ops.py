@@ -24,10 +24,11 @@ from typing import Any
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node, describe_error
 from mento_fab.errors import UnknownWorker, WorkerRunning
-from mento_fab.nodes import connection_node, fold
+from mento_fab.nodes import fold
 from mento_fab.results import NodeResult, RunReport
-from mento_fab.runner import describe_error, execute, map_nodes
+from mento_fab.runner import map_nodes
 from mento_fab.workers import remote, shell
 from mento_fab.workers.report import WorkersReport
 from mento_fab.workers.spec import ACTIVE, WorkerRow, WorkerSpec, check_name, parse_listing
@@ -74,7 +75,7 @@ def _listings(
     group: Iterable[fabric.Connection], name: str | None, fanout: int, base: str
 ) -> tuple[list[NodeResult], list[WorkerRow]]:
     command = shell.listing(base, name)
-    results = _gather(group, lambda c: execute(c, command, timeout=LIST_TIMEOUT), fanout)
+    results = _gather(group, lambda c: remote.call(c, command, timeout=LIST_TIMEOUT), fanout)
     rows: list[WorkerRow] = []
     for result in results:
         if result.ok:
@@ -210,7 +211,7 @@ def logs(
     """
     command = shell.logs(name, max(1, int(lines)), base)
     start_time = time.monotonic()
-    results = _gather(group, lambda c: execute(c, command, timeout=LIST_TIMEOUT), fanout)
+    results = _gather(group, lambda c: remote.call(c, command, timeout=LIST_TIMEOUT), fanout)
     _unknown_here(results, name)
     return RunReport(f"logs {name}", results, time.monotonic() - start_time)
 

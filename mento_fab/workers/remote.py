@@ -1,8 +1,12 @@
 """Talking to nodes for the workers: a command fed on stdin, and live log lines.
 
-:func:`call` is :func:`mento_fab.runner.execute` with data on the command's stdin
-(the supervisor's source and the worker's environment, which must not appear in
-any argv). :class:`Follower` reads many long-running commands in one thread with
+:func:`call` runs a command on its own channel, feeds it ``stdin`` (the
+supervisor's source and the worker's environment, which must not appear in any
+argv) and closes it. Unlike :func:`mento_fab.runner.execute` it adds no watchdog:
+the supervisors ``start`` launches must outlive the channel, and the listings of
+``ps`` and ``top`` are a few built-ins that end by themselves.
+
+:class:`Follower` reads many long-running commands in one thread with
 ``select()`` and bounded buffers; closing it sends EOF to every remote command,
 which is how ``logs --follow`` ends its ``tail`` processes on the nodes.
 """
@@ -21,9 +25,8 @@ import fabric
 import paramiko
 
 from mento_fab import defaults
-from mento_fab.nodes import connection_node
+from mento_fab.connection import connection_node, describe_error, open_channel
 from mento_fab.results import NodeResult
-from mento_fab.runner import describe_error, open_channel
 
 __all__ = ["Follower", "call", "payload"]
 

@@ -25,11 +25,12 @@ from collections.abc import Iterable
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node
 from mento_fab.errors import SlurmError, WorkerError
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node, fold
+from mento_fab.nodes import fold
 from mento_fab.results import NodeResult, RunReport
-from mento_fab.runner import execute, map_nodes
+from mento_fab.runner import map_nodes
 from mento_fab.slurm import Slurm
 from mento_fab.workers import remote, shell
 from mento_fab.workers.ops import refuse_running, stop
@@ -154,7 +155,7 @@ def _wait_running(
     command = shell.listing(base, spec.name)
     deadline = time.monotonic() + wait
     while True:
-        outcome = map_nodes(chosen, lambda c: execute(c, command, timeout=30), fanout=fanout)
+        outcome = map_nodes(chosen, lambda c: remote.call(c, command, timeout=30), fanout=fanout)
         rows: dict[str, list[WorkerRow]] = {}
         for node, value in outcome.items():
             if isinstance(value, NodeResult) and value.ok:

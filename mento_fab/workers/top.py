@@ -28,11 +28,10 @@ from typing import Any
 import fabric
 
 from mento_fab import defaults
+from mento_fab.connection import connection_node, describe_error
 from mento_fab.defaults import UNREACHABLE_EXIT
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.nodes import connection_node
-from mento_fab.runner import describe_error, execute
-from mento_fab.workers import shell
+from mento_fab.workers import remote, shell
 from mento_fab.workers.spec import WorkerRow, parse_listing
 
 __all__ = ["FIRST_SAMPLE", "NodeSample", "Snapshot", "Top"]
@@ -267,8 +266,8 @@ class Top:
         previous = self.samples.get(node)
         first = previous is None or previous.counters is None
         try:
-            result = execute(conn, self._commands[first])
-        except Exception as exc:  # pragma: no cover - execute keeps errors in the result
+            result = remote.call(conn, self._commands[first])
+        except Exception as exc:  # pragma: no cover - call keeps errors in the result
             return NodeSample(node, error=describe_error(exc), taken=time.monotonic())
         if result.error is not None or result.exit != 0:
             lines = result.stderr.strip().splitlines() or [f"exit {result.exit}"]
