@@ -284,28 +284,43 @@ def test_a_killed_supervisor_is_lost_and_stop_ends_its_worker(
 def test_logs_follow_prints_live_until_ctrl_c_and_leaves_nothing(
     cli: Callable[..., Any], group: Any, lab: Lab, marker: str
 ) -> None:
+    # The worker says "ready", waits for a flag file (the home is shared), prints two
+    # lines the follower can only have seen live, then goes quiet: a quiet log is where
+    # a leftover tail would linger (a busy one dies of SIGPIPE; GNU tail >= 8.28 also
+    # ends when its pipe's reader goes, but not behind the per-instance prefix loop).
     name = f"follow-{marker}"
-    assert cli("start", name, ticking(marker, 0.3)).returncode == 0
+    flag = lab.home / f"go-{marker}"
+    command = (
+        f": {marker}; echo ready; while [ ! -e ~/go-{marker} ]; do sleep 0.1; done; "
+        "echo live-1; echo live-2; while sleep 1; do :; done"
+    )
+    assert cli("start", name, command, "--per-node", "2").returncode == 0
     follower = subprocess.Popen(
-        [sys.executable, "-m", "mento_fab", "logs", name, "--follow", "--lines", "1"],
+        [sys.executable, "-m", "mento_fab", "logs", name, "--follow", "--lines", "5"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli.env,
     )  # fmt: skip
-    seen: dict[str, int] = {}
-    try:
+    seen: dict[str, list[str]] = {node: [] for node in NODES}
+
+    def read_until(text: str) -> None:
         deadline = time.monotonic() + WAIT
-        while min((seen.get(n, 0) for n in NODES), default=0) < 3:
-            assert time.monotonic() < deadline, seen
-            line = follower.stdout.readline()
-            node, _, text = line.partition(": ")
-            if text.startswith("tick"):
-                seen[node] = seen.get(node, 0) + 1
+        while not all(f"[{i}] {text}" in lines for lines in seen.values() for i in (0, 1)):
+            assert time.monotonic() < deadline and follower.poll() is None, seen
+            node, _, line = follower.stdout.readline().rstrip("\n").partition(": ")
+            seen.setdefault(node, []).append(line)
+
+    try:
+        read_until("ready")
         for node in NODES:
             assert any(p.startswith("tail ") for p in node_processes(lab, node))
+        flag.touch()
+        read_until("live-2")
+        assert all(lines.index("[1] live-1") < lines.index("[1] live-2") for lines in seen.values())
         follower.send_signal(signal.SIGINT)
         assert follower.wait(timeout=WAIT) == 0, follower.stderr.read()
     finally:
         follower.kill()
         follower.wait()
+        flag.unlink(missing_ok=True)
     for node in NODES:
         wait_for(lambda n=node: not any(p.startswith("tail ") for p in node_processes(lab, n)),
                  timeout=5, what=f"no tail left on {node}")  # fmt: skip
