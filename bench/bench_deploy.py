@@ -1,10 +1,11 @@
 """Benchmark ``mento_fab.deployment`` against parallel ``rsync -a`` and ``scp -r`` (run as root).
 
-    python bench/bench_deploy.py [--rounds 5] [--nodes 8]
+    python bench/bench_deploy.py [--rounds 5] [--nodes 8] [--subnet 198.18.7]
 
-Brings up its own lab (prefix ``bdeploy``, subnet 198.18.7.0/24, workdir
-/tmp/bench-deploy), generates a 50 MB tree of 2,000 files (incompressible: no tool
-compresses here), and times, on node-local targets (``/srv/local``, one disk per node):
+Brings up its own lab (prefix ``bdeploy``, subnet 198.18.7.0/24 unless ``--subnet``
+names another free one, workdir /tmp/bench-deploy), generates a 50 MB tree of 2,000
+files (incompressible: no tool compresses here), and times, on node-local targets
+(``/srv/local``, one disk per node):
 
 - first deploy: mento_fab vs ``rsync -a`` and ``scp -r`` over ssh, one process per
   node, all nodes at once;
@@ -73,11 +74,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=8)
+    parser.add_argument("--subnet", default="198.18.7", help="three octets of a free /24")
     args = parser.parse_args()
 
     if (WORKDIR / "lab.json").exists():
         Lab.from_state(WORKDIR).down()
-    lab = Lab(WORKDIR, args.nodes, prefix="bdeploy", subnet="198.18.7")
+    lab = Lab(WORKDIR, args.nodes, prefix="bdeploy", subnet=args.subnet)
     lab.up()
     try:
         session = lab.make_session(WORKDIR / "session", lab.nodes)
