@@ -1,7 +1,7 @@
 """A beamtime session: the metadata, the file it came from, and the session directory.
 
 This is the one place that decides *which* metadata file applies. The order is
-the command line's (design.md): an explicit file beats an explicit root
+the command line's (README, "Configuration precedence"): an explicit file beats an explicit root
 directory; then ``$MENTO_METADATA``, then ``$MENTO_ROOT_DIR``; then the caller's
 configuration (the CLI passes its config-file values); then ``/gpfs``. At every
 level a file beats a directory.

@@ -29,7 +29,7 @@ from mento_fab.session import Session, metadata_file
         (errors.SelectionError("cn99 not reserved"), 2),
         (errors.ReservationError("reservation 1 not active"), 2),
         (errors.MissingFile("SSH key not found: /k"), 2),
-        (FileNotFoundError("no such file"), 2),
+        (FileNotFoundError("remote: no such file"), 1),
         (errors.NodeError("connection lost"), 255),
         (errors.HostKeyRefused("host key of cn01 CHANGED"), 255),
         (errors.NoSubmitNode("no reserved node answered"), 255),

@@ -47,7 +47,12 @@ class MentoConfig(Config):
 def _usage_hint(exc: ParseError) -> str | None:
     """A task module's ``USAGE[task]``, for a word invoke did not expect after that task."""
     task = getattr(getattr(exc, "context", None), "name", None)
-    if not task or "No idea what" not in str(exc):
+    text = str(exc)
+    if not task or "No idea what" not in text:
+        return None
+    # Only a stray word (a positional SOURCE) gets the hint; a mistyped flag does not.
+    word = text.partition("No idea what '")[2].partition("'")[0]
+    if word.startswith("-"):
         return None
     for name in _TASK_MODULES:
         hint = getattr(sys.modules.get(f"mento_fab.cli.{name}"), "USAGE", {}).get(task)

@@ -6,7 +6,6 @@ raised                                    status  meaning
 ``KeyboardInterrupt``                     130     interrupted (as a shell reports SIGINT)
 ``BrokenPipeError``                       141     ``mento-fab … | head`` stopped reading
 :class:`~mento_fab.errors.BadInput`       2       bad input: file, option, node set
-missing/misplaced local file              2       a path named on the command line
 :class:`~mento_fab.errors.NodeError`      255     a node failed (as ssh)
 :class:`~mento_fab.errors.SlurmUnavailable` 255   Slurm could not be reached
 :class:`~mento_fab.errors.MentoError`     1       an operation failed for another reason
@@ -40,7 +39,6 @@ EXIT_STATUS: tuple[tuple[type[BaseException] | tuple[type[BaseException], ...], 
     (KeyboardInterrupt, 130),
     (BrokenPipeError, 141),
     (BadInput, BAD_INPUT_EXIT),
-    ((FileNotFoundError, NotADirectoryError, IsADirectoryError), BAD_INPUT_EXIT),
     (NodeError, UNREACHABLE_EXIT),
     (SlurmUnavailable, UNREACHABLE_EXIT),
     (MentoError, 1),
@@ -70,7 +68,7 @@ def message_of(exc: BaseException) -> str:
     """The one line shown for an exception."""
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
-    if isinstance(exc, MentoError | FileNotFoundError | NotADirectoryError | IsADirectoryError):
+    if isinstance(exc, MentoError):
         return str(exc) or type(exc).__name__
     # Not one of ours: a bug, or a failure nobody turned into a message yet.
     text = str(exc).splitlines()[0] if str(exc) else ""

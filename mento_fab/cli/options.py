@@ -1,6 +1,6 @@
 """Options every task shares, declared once, and how a task turns them into a session.
 
-Precedence (design.md): task option > environment (``MENTO_METADATA``,
+Precedence: task option > environment (``MENTO_METADATA``,
 ``MENTO_ROOT_DIR``, ``MENTO_SSH_CONFIG``) > invoke config (``mento_fab.*``) >
 the library's default (:mod:`mento_fab.defaults`).
 
@@ -122,15 +122,15 @@ class Options:
     def session(self) -> Session:
         """The metadata the options point at, parsed; a missing file is bad input."""
         config = _config_section(self.c)
-        try:
-            return Session.load(
-                self.values.get("metadata"),
-                self.values.get("root_dir"),
-                config={"metadata": config.get("metadata"), "root_dir": config.get("root_dir")},
-            )
-        except (FileNotFoundError, NotADirectoryError, RuntimeError) as exc:
-            # No session, a missing file, or several metadata files: the user's to fix.
-            raise BadInput(str(exc)) from None
+        metadata = self.values.get("metadata")
+        if metadata is not None and not str(metadata).strip():
+            raise BadInput("--metadata needs a file name")
+        # Everything Session.load raises on purpose is BadInput (missing or several files).
+        return Session.load(
+            metadata,
+            self.values.get("root_dir"),
+            config={"metadata": config.get("metadata"), "root_dir": config.get("root_dir")},
+        )
 
     def group(self, session: Session, *, nodes: str | None = None) -> Any:
         """A nodes_group from the options (``nodes`` overrides ``--nodes``)."""
