@@ -167,3 +167,10 @@ def test_import_mento_fab_is_cheap() -> None:
         "'marshmallow', 'rich') if m in sys.modules))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def test_messages_never_carry_terminal_escapes() -> None:
+    with pytest.raises(Exit) as caught:
+        _raising(errors.SeveralMetadataFiles("found a\x1b[2J\x1b]0;pwn\x07.json, b.json"))()
+    assert caught.value.code == 2
+    assert "\x1b" not in caught.value.message and "\\x1b[2J" in caught.value.message

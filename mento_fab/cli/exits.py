@@ -29,6 +29,7 @@ from invoke import Exit
 
 from mento_fab.defaults import BAD_INPUT_EXIT, UNREACHABLE_EXIT
 from mento_fab.errors import BadInput, MentoError, NodeError, SlurmUnavailable
+from mento_fab.names import printable
 
 __all__ = ["EXIT_STATUS", "debug_enabled", "exit_status_of", "friendly", "set_debug"]
 
@@ -65,7 +66,15 @@ def exit_status_of(exc: BaseException) -> int:
 
 
 def message_of(exc: BaseException) -> str:
-    """The one line shown for an exception."""
+    """The one line shown for an exception, control characters escaped.
+
+    Messages quote file names and remote text (a metadata file named with a terminal
+    escape, Slurm's stderr): nothing of it reaches the terminal raw.
+    """
+    return printable(_message(exc))
+
+
+def _message(exc: BaseException) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if isinstance(exc, MentoError):
