@@ -1,5 +1,8 @@
 """Project-wide pytest fixtures: the lab cluster, shared by every test that needs real nodes.
 
+``tests/unit/`` holds tests that run anywhere (no root, no lab); ``tests/lab/`` the ones
+that need real sshd and Slurm; ``tests/conftest.py`` the shared session-tree fixtures.
+
 One 32-node lab serves the whole session (bring-up costs about a second); Slurm is
 started lazily by the first test that asks for ``slurm_lab``.  Lab tests are skipped,
 not failed, when pytest does not run as root, so the unit tests still run anywhere.
@@ -72,6 +75,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         if fixtures & _LAB_FIXTURES:
+            if "unit" in Path(str(item.fspath)).parent.parts[-1:]:
+                raise pytest.UsageError(
+                    f"{item.nodeid} needs the lab: lab tests belong in tests/lab/, "
+                    "tests/unit/ runs anywhere without root"
+                )
             item.add_marker(pytest.mark.lab)
         if fixtures & {"slurm_lab", "slurm_session"}:
             item.add_marker(pytest.mark.slurm)
