@@ -31,7 +31,7 @@ import fabric
 import paramiko
 
 from mento_fab import defaults
-from mento_fab.connection import connection_node, describe_error, ensure_open, open_channel
+from mento_fab.connection import connection_node, describe_error, open_channel
 from mento_fab.errors import BadInput, NodeError
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import nodes_group
@@ -39,24 +39,8 @@ from mento_fab.output import Capture, LineSplitter
 from mento_fab.remote import check_env, new_run_id, remote_command
 from mento_fab.results import NodeResult, RunReport
 
-__all__ = [
-    "DEFAULT_FANOUT",
-    "UNREACHABLE_EXIT",
-    "Cancel",
-    "NodeError",
-    "NodeResult",
-    "RunReport",
-    "describe_error",
-    "ensure_open",
-    "execute",
-    "map_nodes",
-    "open_channel",
-    "run",
-    "run_on_nodes",
-]
+__all__ = ["Cancel", "LineCallback", "execute", "map_nodes", "run", "run_on_nodes"]
 
-DEFAULT_FANOUT = defaults.FANOUT
-UNREACHABLE_EXIT = defaults.UNREACHABLE_EXIT
 KILL_GRACE = defaults.KILL_GRACE
 
 T = TypeVar("T")
@@ -225,7 +209,7 @@ def map_nodes(
     connections: Iterable[fabric.Connection],
     func: Callable[[fabric.Connection], T],
     *,
-    fanout: int = DEFAULT_FANOUT,
+    fanout: int = defaults.FANOUT,
     on_done: Callable[[str, T | BaseException], None] | None = None,
     executor: ThreadPoolExecutor | None = None,
 ) -> dict[str, T | BaseException]:
@@ -290,7 +274,7 @@ def run(
     group: Iterable[fabric.Connection],
     command: str,
     *,
-    fanout: int = DEFAULT_FANOUT,
+    fanout: int = defaults.FANOUT,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,
@@ -341,7 +325,7 @@ def run_on_nodes(
     *,
     group: Iterable[fabric.Connection] | None = None,
     metadata: BeamtimeMetadata | str | os.PathLike[str] | None = None,
-    fanout: int = DEFAULT_FANOUT,
+    fanout: int = defaults.FANOUT,
     timeout: float | None = None,
     env: Mapping[str, str] | None = None,
     on_line: LineCallback | None = None,

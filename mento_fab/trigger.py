@@ -52,6 +52,7 @@ import fabric
 
 from mento_fab import defaults
 from mento_fab.commands import get_sbatch_command, get_ssh_command  # noqa: F401 (re-exported)
+from mento_fab.connection import describe_error, ensure_open, open_channel
 from mento_fab.errors import (
     BadInput,
     BadTrigger,
@@ -64,7 +65,8 @@ from mento_fab.errors import (
 )
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.nodes import nodes_group
-from mento_fab.runner import NodeResult, describe_error, ensure_open, execute, open_channel
+from mento_fab.results import NodeResult
+from mento_fab.runner import execute
 from mento_fab.session import Session
 from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
 

@@ -127,7 +127,7 @@ class _FakeConn:
 def fake_node(beamtime, monkeypatch):
     """A Trigger whose one connection and ``execute`` are fakes: counts what was sent."""
     import mento_fab.trigger as trigger_module
-    from mento_fab.runner import NodeResult
+    from mento_fab.results import NodeResult
 
     conn = _FakeConn()
     sent: list[str] = []

@@ -11,7 +11,7 @@ import pytest
 from mento_fab import gather
 from mento_fab.nodes import KnownHosts, SelectionError, fold, select_nodes
 from mento_fab.remote import remote_command
-from mento_fab.runner import NodeResult, RunReport
+from mento_fab.results import NodeResult, RunReport
 
 RESERVED = ["max-p3a001", "max-p3a002", "max-p3a003", "max-p3a004"]
 
@@ -147,7 +147,7 @@ def test_an_unwritable_known_hosts_names_the_file(tmp_path: Path) -> None:
 
 
 def test_describe_error_never_leaves_an_empty_reason() -> None:
-    from mento_fab.runner import describe_error
+    from mento_fab.connection import describe_error
 
     assert describe_error(EOFError()) == "connection closed by the node"
     assert describe_error(KeyError()) == "KeyError"
