@@ -183,14 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-cleanup", action="store_true")
     parser.add_argument("--workdir", default="/tmp/bench-limits")
     parser.add_argument("--prefix", default="blim")
-    parser.add_argument("--subnet", default="198.18.7")
+    parser.add_argument("--subnet", default="198.18.10")
     parser.add_argument("--no-docs", action="store_true", help=f"do not update {DOCS}")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from lab import Lab
 
     load_before = os.getloadavg()[0]
-    lab = Lab(Path(args.workdir), 32, prefix=args.prefix, subnet=args.subnet)
+    lab = Lab(Path(args.workdir), 32, prefix=args.prefix, subnet=args.subnet, user=args.prefix)
     rows: list[str] = []
     cleanup = None
     try:

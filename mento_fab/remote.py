@@ -7,11 +7,15 @@ line built here ends the command, and everything it started, when that happens:
 - every process the command starts carries ``MENTO_RUN_ID`` in its environment
   (the run's id, the same on every node of one run);
 - a watchdog, a forked subshell (no new program), holds the channel's stdin, which
-  the client keeps open and never writes to. It reads EOF when the client closes
-  the channel (Ctrl-C, a time-out, giving up), when the connection ends (client
-  killed, connection reset) or when the sshd session process dies. If the command
-  still runs then, it sends SIGTERM to the command's process group and to every
-  process of the account that carries the run id, and SIGKILL after a grace period.
+  the client keeps open and on which it only writes a newline every
+  :data:`HEARTBEAT` seconds. The watchdog reads EOF when the client closes the
+  channel (Ctrl-C, a time-out, giving up), when the connection ends (client
+  killed, connection reset) or when the sshd session process dies; under bash it
+  also gives up on a client it has not heard from for :data:`CLIENT_SILENCE`
+  seconds (a crashed machine, a cut link: nothing reaches the node then). If the
+  command still runs then, it sends SIGTERM to the command's process group and to
+  every process of the account that carries the run id, and SIGKILL after a grace
+  period.
   When the command ends by itself, sshd closes stdin too; the watchdog finds the
   command gone and leaves quietly, so ``nohup prog &`` still outlives a command
   that ended normally, as it does with ssh;
@@ -43,6 +47,11 @@ __all__ = ["RUN_ID_VARIABLE", "check_env", "new_run_id", "remote_command"]
 RUN_ID_VARIABLE = "MENTO_RUN_ID"
 #: Seconds between SIGTERM and SIGKILL, on a time-out and when the client went away.
 KILL_AFTER = defaults.KILL_GRACE / 2
+#: Seconds between the newlines a client writes to a running command's watchdog.
+HEARTBEAT = defaults.KEEPALIVE_INTERVAL
+#: Seconds without a word from the client after which the watchdog ends the command
+#: (bash only: other shells' ``read`` has no time limit, they wait for EOF).
+CLIENT_SILENCE = 2 * defaults.DEAD_PEER_TIMEOUT
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _RUN_ID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -65,7 +74,8 @@ _WAIT_KILL = (
 # The watchdog: fd 3 is the channel's stdin (an asynchronous list gets /dev/null as
 # its stdin otherwise). It ignores SIGTERM itself; the group's SIGKILL ends it last.
 _WATCHDOG = (
-    "{ unset " + RUN_ID_VARIABLE + "; trap '' TERM HUP; read -r _; "
+    "{ unset " + RUN_ID_VARIABLE + "; trap '' TERM HUP; _t=; "
+    '[ -n "$BASH_VERSION" ] && _t="-t {silence}"; while read -r $_t _; do :; done; '
     "kill -0 $_mp 2>/dev/null || exit 0; _mk TERM $_mp; _mw $_mp; } <&3 >/dev/null 2>&1 &"
 )
 # After timeout(1) gave up on the command: whatever left its process group.
@@ -99,7 +109,8 @@ def remote_command(
     """The line sent to the node for ``command``; everything variable is quoted.
 
     The client must keep the channel's stdin open (never send EOF) while the
-    command runs: EOF is what tells the watchdog to end it.
+    command runs, and write a newline to it every :data:`HEARTBEAT` seconds: EOF,
+    or :data:`CLIENT_SILENCE` seconds without a word, tells the watchdog to end it.
     """
     check_env(env)
     run_id = run_id or new_run_id()
@@ -113,7 +124,7 @@ def remote_command(
         f"export {RUN_ID_VARIABLE}{exports}; exec 3<&0; {_KILL}; "
         + _WAIT_KILL.replace("{ticks}", ticks)
         + "; "
-        + _WATCHDOG
+        + _WATCHDOG.replace("{silence}", f"{CLIENT_SILENCE:g}")
         + " exec </dev/null 3<&-"
     )
     if timeout is None:

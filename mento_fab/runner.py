@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import fabric
 import paramiko
 
-from mento_fab import defaults
+from mento_fab import defaults, remote
 from mento_fab.connection import connection_node, describe_error, open_channel
 from mento_fab.errors import BadInput, NodeError
 from mento_fab.metadata import BeamtimeMetadata
@@ -106,6 +106,53 @@ def _check_alive(transport: paramiko.Transport, deadline: float | None) -> None:
         raise NodeError("connection lost before the command finished")
 
 
+class _Heartbeat:
+    """Writes a newline to every running command's watchdog each ``remote.HEARTBEAT``
+    seconds, from one daemon thread, so a node can tell a client that is alive but
+    quiet from one that is gone without a word. A command that ends sooner costs a
+    dictionary entry, no packet."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._due: dict[paramiko.Channel, float] = {}
+        self._thread: threading.Thread | None = None
+
+    def add(self, channel: paramiko.Channel) -> None:
+        with self._cond:
+            if not self._due:
+                self._cond.notify()
+            self._due[channel] = time.monotonic() + remote.HEARTBEAT
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._beat, name="mento-heartbeat", daemon=True
+                )
+                self._thread.start()
+
+    def discard(self, channel: paramiko.Channel) -> None:
+        with self._cond:
+            self._due.pop(channel, None)
+
+    def _beat(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due:
+                    self._cond.wait()
+                now = time.monotonic()
+                wait = min(self._due.values()) - now
+                if wait > 0:
+                    self._cond.wait(wait)
+                    continue
+                due = [channel for channel, at in self._due.items() if at <= now]
+                for channel in due:
+                    self._due[channel] = now + remote.HEARTBEAT
+            for channel in due:
+                with contextlib.suppress(Exception):  # ending or gone: its execute sees it
+                    channel.send(b"\n")
+
+
+_heartbeat = _Heartbeat()
+
+
 def execute(
     conn: fabric.Connection,
     command: str,
@@ -150,9 +197,10 @@ def execute(
         if cancel is not None and not cancel.track(channel):
             raise _Cancelled
         transport = channel.get_transport()
-        # stdin stays open and silent: EOF on it tells the node's watchdog to kill
-        # the command (the command itself reads /dev/null).
+        # stdin stays open, with a newline now and then: EOF on it, or a long silence,
+        # tells the node's watchdog to kill the command (which reads /dev/null).
         channel.exec_command(line)
+        _heartbeat.add(channel)
         deadline = None if timeout is None else time.monotonic() + timeout + KILL_GRACE
         while True:
             while channel.recv_ready():
@@ -192,6 +240,7 @@ def execute(
         result.error = describe_error(exc, conn.connect_timeout)
     finally:
         if channel is not None:
+            _heartbeat.discard(channel)
             if cancel is not None:
                 cancel.untrack(channel)
             channel.close()

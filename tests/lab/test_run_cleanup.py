@@ -155,3 +155,43 @@ def test_what_a_command_detaches_outlives_it_when_it_ends_normally(lab, group) -
         assert everywhere(lab, marker), sleeps(lab, marker)  # as with ssh: nohup is asked
     finally:
         kill_leftovers(lab, marker)
+
+
+def test_a_client_that_falls_silent_has_its_command_ended_by_the_node(
+    lab, lab_session, monkeypatch
+) -> None:
+    import mento_fab.connection as connection_module
+    from mento_fab import remote
+
+    monkeypatch.setattr(remote, "HEARTBEAT", 0.5)
+    monkeypatch.setattr(remote, "CLIENT_SILENCE", 3.0)
+    monkeypatch.setattr(connection_module, "KEEPALIVE_INTERVAL", 1.0)
+    monkeypatch.setattr(connection_module, "DEAD_PEER_TIMEOUT", 3.0)
+    marker = "8766"
+    nodes = ["cn01", "cn02"]
+    grp = nodes_group(
+        lab_session, nodes="cn[01-02]", ssh_config=lab.ssh_config, known_hosts=lab.known_hosts
+    )
+    outcome: list = []
+    runner = threading.Thread(
+        target=lambda: outcome.append(run(grp, f"sleep {marker}01; echo done", timeout=120)),
+        daemon=True,
+    )
+    try:
+        runner.start()
+        assert wait_for(lambda: everywhere(lab, marker, nodes=nodes)), sleeps(lab, marker)
+        time.sleep(5)  # longer than the silence: the heartbeat keeps a live client's command
+        assert everywhere(lab, marker, nodes=nodes), sleeps(lab, marker)
+        # cn01 can no longer hear the client: nothing reaches it, not even a FIN
+        lab.node_exec("cn01", ["ip", "link", "set", "eth0", "down"])
+        assert wait_for(lambda: all_gone(lab, marker, ["cn01"])), sleeps(lab, marker)
+        assert everywhere(lab, marker, nodes=["cn02"]), sleeps(lab, marker)
+        kill_leftovers(lab, marker)  # cn02's command goes on to its end
+        runner.join(60)
+        assert outcome and outcome[0]["cn01"].error, outcome
+        assert outcome[0]["cn02"].stdout == "done\n", outcome
+    finally:
+        lab.node_exec("cn01", ["ip", "link", "set", "eth0", "up"])
+        runner.join(60)
+        grp.close()
+        kill_leftovers(lab, marker)
