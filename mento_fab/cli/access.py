@@ -10,14 +10,16 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
 import sys
+from typing import Any
 
 from invoke import Context, Exit
 
 from mento_fab.cli.options import COMMON, SSH, Options, mento_task, print_json
-from mento_fab.errors import BadInput, MentoError
+from mento_fab.errors import BadInput, MentoError, NodeError, SelectionError
 
-__all__ = ["ssh"]
+__all__ = ["ssh", "tunnel"]
 
 
 def _policy(opts: Options) -> str:
@@ -85,3 +87,63 @@ def ssh(
         os.execv(program, argv)  # the exit status is ssh's: the remote command's, or 255
     except OSError as exc:
         raise Exit(f"mento-fab: cannot run {program}: {exc.strerror}", code=1) from None
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+@mento_task(
+    shared=(*COMMON, *SSH),
+    help={
+        "node": "the reserved node to forward to",
+        "remote_port": "the port on the node (e.g. 8888 for Jupyter)",
+        "local_port": "local port on 127.0.0.1 (default: a free one, printed)",
+        "remote_host": "host to reach, as seen from the node (default localhost)",
+    },
+)
+def tunnel(
+    c: Context,
+    opts: Options,
+    node: str,
+    remote_port: str,
+    local_port: str | None = None,
+    remote_host: str | None = None,
+):
+    """Forward a local port (127.0.0.1 only) to REMOTE_PORT on NODE, print its URL; Ctrl-C ends."""
+    from mento_fab.tunnel import Tunnel, check_port
+
+    remote = check_port(remote_port, "REMOTE_PORT")
+    local = check_port(local_port or 0, "--local-port", allow_zero=True)
+    session = opts.session()
+    group = opts.group(session, nodes=node)
+    if len(group) != 1:
+        raise SelectionError(f"a tunnel goes to one node, not {len(group)} ({node})")
+    forward = Tunnel(
+        group[0], remote, remote_host=remote_host or "localhost", local_port=local,
+        own_connection=True,
+    )  # fmt: skip
+    forward.start()
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        target = f"{forward.remote_host}:{forward.remote_port} on {forward.node}"
+        if opts.json:
+            print_json({
+                "url": forward.url, "local_port": forward.local_port, "node": forward.node,
+                "remote_host": forward.remote_host, "remote_port": forward.remote_port,
+            })  # fmt: skip
+        else:
+            print(forward.url)
+        sys.stdout.flush()
+        print(f"mento-fab: forwarding {forward.url} to {target}; Ctrl-C to stop", file=sys.stderr)
+        while not forward.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        forward.close()
+        print("mento-fab: tunnel closed", file=sys.stderr)
+        return
+    finally:
+        forward.close()
+        signal.signal(signal.SIGTERM, previous)
+    if forward.error:
+        raise NodeError(f"tunnel ended: {forward.error}")
