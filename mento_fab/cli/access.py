@@ -3,6 +3,7 @@
 invoke's positional arguments are always required, so ``ssh`` takes its NODE
 first and the remote command after ``--`` (``mento-fab ssh cn01 -- nvidia-smi -L``;
 the words are joined with spaces, as ``ssh`` does) or as ``--command``.
+``put``/``get`` show a byte progress bar on a terminal and one line per node.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 
 from invoke import Context, Exit
 
-from mento_fab.cli.options import COMMON, SSH, Options, mento_task, print_json
+from mento_fab.cli import console
+from mento_fab.cli.options import COMMON, NODES, SSH, Options, mento_task, print_json
 from mento_fab.errors import BadInput, MentoError, NodeError, SelectionError
 
-__all__ = ["ssh", "tunnel"]
+__all__ = ["get", "put", "ssh", "tunnel"]
 
 
 def _policy(opts: Options) -> str:
@@ -147,3 +149,89 @@ def tunnel(
         signal.signal(signal.SIGTERM, previous)
     if forward.error:
         raise NodeError(f"tunnel ended: {forward.error}")
+
+
+class _Bar:
+    """A byte progress bar that appears once the transfer knows its total."""
+
+    def __init__(self, description: str, enabled: bool) -> None:
+        self.description = description
+        self.enabled = enabled
+        self.bar: console.Progress | None = None
+
+    def total(self, total: int) -> None:
+        if self.enabled and total:
+            self.bar = console.Progress(total, self.description, nbytes=True).__enter__()
+
+    def add(self, node: str, amount: int) -> None:
+        if self.bar is not None:
+            self.bar.add(amount)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+def _transfer(opts: Options, description: str, call: Any) -> None:
+    """Run a transfer with a progress bar; one line per node, the summary, the exit rule."""
+    session = opts.session()
+    bar = _Bar(description, enabled=not opts.json and console.is_tty())
+    try:
+        with opts.group(session) as grp:
+            report = call(grp, session, bar)
+    finally:
+        bar.close()
+    if opts.json:
+        print_json(report.as_json())
+    else:
+        rows = []
+        for r in report.results:
+            state = "ok" if r.ok else ("unreachable" if r.error else f"exit {r.exit}")
+            rows.append([r.node, state, f"{r.seconds:.1f} s", r.error or r.message or ""])
+        console.print_table(report.command, ["node", "result", "time", "notes"], rows)
+        for r in report.results:
+            if not r.ok and r.stderr.strip():
+                for line in r.stderr.strip().splitlines()[-3:]:
+                    print(f"{r.node}: {line}", file=sys.stderr)
+        console.print_summary(report)
+    if report.exit_status:
+        raise Exit(code=report.exit_status)
+
+
+@mento_task(
+    shared=NODES,
+    help={
+        "local": "the file or directory to copy",
+        "remote": "where on each node, as for scp: an existing directory receives LOCAL, "
+        "anything else is the new name; a trailing / creates the directory",
+    },
+)
+def put(c: Context, opts: Options, local: str, remote: str):
+    """Copy LOCAL to REMOTE on every selected node (a directory the nodes share: once)."""
+    from mento_fab.transfer import put as put_files
+
+    def call(grp: Any, session: Any, bar: _Bar) -> Any:
+        return put_files(grp, local, remote, metadata=session, fanout=opts.fanout,
+                         on_total=bar.total, on_bytes=bar.add)  # fmt: skip
+
+    _transfer(opts, "sending", call)
+
+
+@mento_task(
+    shared=NODES,
+    help={
+        "remote": "file, directory or pattern on the nodes, e.g. '~/scans/run*/out.h5' "
+        "(quote it); names below its last directory without a wildcard are kept",
+        "local_dir": "local directory: each node's files land in LOCAL_DIR/<node>/",
+        "overwrite": "replace local files that exist already",
+    },
+)
+def get(c: Context, opts: Options, remote: str, local_dir: str, overwrite: bool = False):
+    """Copy REMOTE from every selected node into LOCAL_DIR/<node>/ (like clush --rcopy)."""
+    from mento_fab.transfer import get as get_files
+
+    def call(grp: Any, session: Any, bar: _Bar) -> Any:
+        return get_files(grp, remote, local_dir, overwrite=overwrite, metadata=session,
+                         fanout=opts.fanout, on_total=bar.total, on_bytes=bar.add)  # fmt: skip
+
+    _transfer(opts, "receiving", call)

@@ -65,8 +65,12 @@ def stream_printer(out: TextIO | None = None) -> Callable[[str, str, str], None]
 class Progress:
     """A delayed, transient rich progress bar on stderr (a no-op when not on a TTY)."""
 
-    def __init__(self, total: int, description: str, enabled: bool | None = None) -> None:
+    def __init__(
+        self, total: int, description: str, enabled: bool | None = None, *, nbytes: bool = False
+    ) -> None:
         self.enabled = is_tty() if enabled is None else enabled
+        #: Counting bytes (transfers): sizes and a rate instead of "3/4".
+        self.nbytes = nbytes
         self.total = total
         self.description = description
         self._bar: Any = None
@@ -84,16 +88,27 @@ class Progress:
 
     def _start(self) -> None:
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            MofNCompleteColumn,
+            TimeElapsedColumn,
+            TransferSpeedColumn,
+        )
         from rich.progress import Progress as RichProgress
 
         with self._lock:
             if self._done >= self.total:
                 return
+            counts = (
+                (DownloadColumn(), TransferSpeedColumn())
+                if self.nbytes
+                else (MofNCompleteColumn(),)
+            )
             self._bar = RichProgress(
                 "[progress.description]{task.description}",
                 BarColumn(),
-                MofNCompleteColumn(),
+                *counts,
                 TimeElapsedColumn(),
                 console=Console(stderr=True),
                 transient=True,
@@ -104,10 +119,21 @@ class Progress:
             self._bar.start()
 
     def advance(self, *_: Any) -> None:
+        self.add(1)
+
+    def add(self, amount: int) -> None:
+        """Count ``amount`` more done (bytes for a transfer)."""
         with self._lock:
-            self._done += 1
+            self._done += amount
             if self._bar is not None:
                 self._bar.update(self._task, completed=self._done)
+
+    def set_total(self, total: int) -> None:
+        """The total, once known (a transfer learns it after asking the nodes)."""
+        with self._lock:
+            self.total = total
+            if self._bar is not None:
+                self._bar.update(self._task, total=total)
 
     def __exit__(self, *exc: Any) -> None:
         if self._timer is not None:
