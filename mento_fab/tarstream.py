@@ -7,9 +7,11 @@ and one stream for a whole tree. Nothing is held in memory beyond one chunk.
 Writing follows symbolic links (as ``scp`` does), skips directory loops and
 special files, and sends exactly the size a file had when it was opened.
 Reading refuses members that would land outside the destination (Python's
-``data`` filter), writes each file under a temporary name and renames it into
-place when complete, so an interrupted transfer leaves no half file under a real
-name, and never replaces an existing file unless told to.
+``data`` filter, which also sees through local symlinks), creates only regular
+files and directories (never links or devices), writes each file under a
+temporary name and renames it into place when complete, so an interrupted
+transfer leaves no half file under a real name, and never replaces an existing
+file unless told to.
 
 >>> import io, tempfile, pathlib
 >>> src = pathlib.Path(tempfile.mkdtemp()); (src / "a b.txt").write_text("hello")
@@ -324,6 +326,9 @@ def extract(
         fileobj=reader, mode="r:", encoding="utf-8", errors="surrogateescape"
     )
     for member in archive:
+        if not (member.isreg() or member.isdir()):  # links, devices, FIFOs: never created
+            stats.skipped.append(f"{member.name}: not a regular file")
+            continue
         try:
             safe = tarfile.data_filter(member, str(root))
         except tarfile.FilterError as exc:
@@ -332,9 +337,6 @@ def extract(
         if safe.isdir():
             dirs.make(target)
             stats.dirs += 1
-            continue
-        if not safe.isreg():
-            stats.skipped.append(f"{safe.name}: not a regular file")
             continue
         dirs.make(target.parent)
         wanted = (refuse or {}).get(safe.size)

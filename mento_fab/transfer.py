@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import select
 import tarfile
 import threading
 import time
@@ -40,8 +39,9 @@ from typing import Any
 import fabric
 
 from mento_fab import defaults
-from mento_fab.connection import connection_node, describe_error, ensure_open
+from mento_fab.connection import connection_node, describe_error
 from mento_fab.errors import BadPath, LocalExists, NodeError, RemoteNotFound, UnsafeSourceError
+from mento_fab.execstream import COMMAND_TIMEOUT, EndedEarly, ExecStream, run_bytes
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.remotefs import (
     PROBE_PREFIX,
@@ -63,14 +63,8 @@ from mento_fab.tarstream import Entry, UnsafeArchive, extract, scan, write_tar
 
 __all__ = ["get", "human_size", "put"]
 
-#: Seconds for the small commands (probe, listing) on a node.
-COMMAND_TIMEOUT = 60.0
 #: Receive window of a ``get`` channel: enough to keep a fast link busy.
 GET_WINDOW = 4 * 1024 * 1024
-#: Seconds between liveness checks while waiting on a channel.
-POLL_SLICE = 5.0
-#: Stderr kept per node (a tar that complains about every file can say a lot).
-MAX_STDERR = 64 * 1024
 
 MetadataLike = Session | BeamtimeMetadata | str | os.PathLike[str]
 OnBytes = Callable[[str, int], object]
@@ -86,93 +80,13 @@ def human_size(n: float) -> str:
     return f"{n:.1f} TB"  # pragma: no cover
 
 
-# ------------------------------------------------------------------ channels
-
-
-class _Stream:
-    """One exec channel: stdout read as a file (``read``), stderr kept on the side.
-
-    Waits in slices and raises :class:`NodeError` when the connection is gone, so a
-    node that vanishes ends the transfer once keepalives give up on it.
-    """
-
-    def __init__(self, conn: fabric.Connection, command: str, *, window: int | None = None):
-        transport = ensure_open(conn)
-        self.channel = transport.open_session(window_size=window, timeout=conn.connect_timeout)
-        self.transport = transport
-        self.stderr = bytearray()
-        self._poll = select.poll()
-        self._poll.register(self.channel.fileno(), select.POLLIN)
-        self.channel.exec_command(command)
-
-    def _drain_stderr(self) -> None:
-        while self.channel.recv_stderr_ready():
-            data = self.channel.recv_stderr(65536)
-            if len(self.stderr) < MAX_STDERR:
-                self.stderr += data[: MAX_STDERR - len(self.stderr)]
-
-    def read(self, size: int = -1) -> bytes:
-        channel = self.channel
-        while True:
-            self._drain_stderr()
-            if channel.recv_ready():
-                return channel.recv(size if size > 0 else 1 << 20)
-            if channel.eof_received or channel.closed:
-                return b""
-            if not self.transport.is_active():
-                raise NodeError("connection lost during the transfer")
-            self._poll.poll(POLL_SLICE * 1000)
-
-    def send(self, data: bytes | memoryview) -> None:
-        try:
-            self.channel.sendall(data)
-        except OSError:
-            if not self.transport.is_active():
-                raise NodeError("connection lost during the transfer") from None
-            raise _EndedEarly from None  # the remote command quit: its status says why
-        self._drain_stderr()
-
-    def finish(self) -> int:
-        """Read to the end, wait for the exit status; the status (NodeError if lost)."""
-        while self.read(1 << 20):
-            pass
-        channel = self.channel
-        while not channel.status_event.wait(POLL_SLICE):
-            if not self.transport.is_active():
-                break
-        self._drain_stderr()
-        channel.close()
-        if channel.exit_status == -1 or not channel.status_event.is_set():
-            if not self.transport.is_active():
-                raise NodeError("connection lost during the transfer")
-            raise NodeError("the command on the node ended without an exit status")
-        return int(channel.exit_status)
-
-    def close(self) -> None:
-        self.channel.close()
-
-    @property
-    def stderr_text(self) -> str:
-        return self.stderr.decode("utf-8", "replace")
-
-
-class _EndedEarly(Exception):
-    """The remote side stopped reading before the stream ended."""
-
-
-def _run_bytes(conn: fabric.Connection, command: str) -> tuple[int, bytes, str]:
-    """A small command whose stdout is bytes (names may not be UTF-8)."""
-    stream = _Stream(conn, command)
-    out = bytearray()
-    deadline = time.monotonic() + COMMAND_TIMEOUT
-    try:
-        while chunk := stream.read(1 << 20):
-            out += chunk
-            if time.monotonic() > deadline:
-                raise NodeError(f"no answer within {COMMAND_TIMEOUT:g} s")
-        return stream.finish(), bytes(out), stream.stderr_text
-    finally:
-        stream.close()
+def _lost(stream: ExecStream | None, exc: BaseException) -> BaseException:
+    """A failure once the stream was open is the connection's: say so plainly."""
+    if stream is None or isinstance(exc, NodeError):
+        return exc
+    if isinstance(exc, EOFError | OSError) or not stream.transport.is_active():
+        return NodeError("connection lost during the transfer")
+    return exc
 
 
 def _failure(node: str, exc: BaseException, start: float, conn: Any = None) -> NodeResult:
@@ -256,20 +170,18 @@ def _send(
     start = time.monotonic()
     stream = None
     try:
-        stream = _Stream(conn, command)
+        stream = ExecStream(conn, command)
         progress = (lambda n: on_bytes(node, n)) if on_bytes else None
         renamed = [Entry(target.name + e.name[len(entries[0].name):], e.path, e.is_dir, e.size,
                          e.mode, e.mtime) for e in entries]  # fmt: skip
         try:
             warnings = write_tar(renamed, stream.send, progress)
             stream.channel.shutdown_write()
-        except _EndedEarly:
+        except EndedEarly:
             warnings = []
         status = stream.finish()
     except Exception as exc:
-        lost = stream is not None and not stream.transport.is_active()
-        return _failure(node, NodeError("connection lost during the transfer") if lost else exc,
-                        start, conn)  # fmt: skip
+        return _failure(node, _lost(stream, exc), start, conn)
     finally:
         if stream is not None:
             stream.close()
@@ -372,7 +284,11 @@ def put(
                     node, exit=done.exit, message=f"{note} {tried[-1]} (shared, written once)"
                 )
 
-    map_nodes([g[0] for g in groups], send_group, fanout=fanout)
+    for node, value in map_nodes([g[0] for g in groups], send_group, fanout=fanout).items():
+        if isinstance(value, BaseException):  # a bug, not a node's failure: still one line
+            for conn in by_first[node]:
+                member = connection_node(conn)
+                results.setdefault(member, _failure(member, value, start))
     if skipped:
         for result in results.values():
             if result.ok:
@@ -412,7 +328,7 @@ def _receive(
     stream = None
     message = None
     try:
-        stream = _Stream(conn, command, window=GET_WINDOW)
+        stream = ExecStream(conn, command, window=GET_WINDOW)
         progress = (lambda n: on_bytes(node, n)) if on_bytes else None
         try:
             stats = extract(stream, node_dir, overwrite=overwrite, on_bytes=progress,
@@ -433,9 +349,7 @@ def _receive(
                               seconds=time.monotonic() - start)  # fmt: skip
         status = stream.finish()
     except Exception as exc:
-        lost = stream is not None and not stream.transport.is_active()
-        return _failure(node, NodeError("connection lost during the transfer") if lost else exc,
-                        start, conn)  # fmt: skip
+        return _failure(node, _lost(stream, exc), start, conn)
     finally:
         if stream is not None:
             stream.close()
@@ -478,7 +392,7 @@ def get(
     listings: dict[str, list[Listed]] = {}
 
     def look(conn: fabric.Connection) -> tuple[int, bytes, str]:
-        return _run_bytes(conn, list_command(base, pattern))
+        return run_bytes(conn, list_command(base, pattern))
 
     nothing = 0
     for node, value in map_nodes(conns, look, fanout=fanout).items():
@@ -514,6 +428,9 @@ def get(
         with lock:
             results[node] = outcome
 
-    map_nodes([c for c in conns if connection_node(c) in listings], fetch, fanout=fanout)
+    fetched = map_nodes([c for c in conns if connection_node(c) in listings], fetch, fanout=fanout)
+    for node, value in fetched.items():
+        if isinstance(value, BaseException):
+            results[node] = _failure(node, value, start)
     ordered = [results[connection_node(c)] for c in conns]
     return RunReport(f"get {remote} {root}", ordered, seconds=time.monotonic() - start)
