@@ -1,4 +1,4 @@
-"""Pure logic of put/get: remote paths and patterns, tar streams written and read safely."""
+"""Pure logic of put/get/tunnel: remote paths and patterns, tar streams, ports, HTML reports."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from mento_fab import remotefs, tarstream
-from mento_fab.errors import BadPath, LocalExists
+from mento_fab.errors import BadPath, BadPort, LocalExists
 from mento_fab.remotefs import glob_word, parse_listing, parse_probe, remote_path, split_pattern
+from mento_fab.results import NodeResult, RunReport
 from mento_fab.tarstream import UnsafeArchive, extract, scan, write_tar
+from mento_fab.tunnel import check_port
 
 
 def test_doctests() -> None:
@@ -192,3 +194,20 @@ def test_a_truncated_stream_raises(tmp_path: Path) -> None:
     with pytest.raises(tarfile.ReadError):
         extract(io.BytesIO(data[:50_000]), tmp_path / "d")
     assert not list((tmp_path / "d").iterdir())  # no half file, no temporary file
+
+
+@pytest.mark.parametrize("value", ["0", "65536", "-1", "http", "", "8888.5"])
+def test_ports_out_of_range_are_bad_input(value: str) -> None:
+    with pytest.raises(BadPort):
+        check_port(value, "port")
+    assert check_port("0", "port", allow_zero=True) == 0
+    assert check_port(8888, "port") == 8888
+
+
+def test_run_report_renders_as_html() -> None:
+    report = RunReport("get <x> out", [NodeResult("cn01", exit=0, message="1 file -> out/<cn01>"),
+                                       NodeResult("cn02", error="connection lost")])  # fmt: skip
+    text = report._repr_html_()
+    assert text.startswith("<table>") and text.count("<tr>") == 3
+    assert "&lt;x&gt;" in text and "out/&lt;cn01&gt;" in text and "connection lost" in text
+    assert "<x>" not in text and "<cn01>" not in text

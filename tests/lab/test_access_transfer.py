@@ -19,7 +19,6 @@ import pytest
 from lab import Lab
 from mento_fab import nodes_group
 from mento_fab.errors import BadPath, LocalExists, RemoteNotFound, UnsafeSourceError
-from mento_fab.results import NodeResult, RunReport
 from mento_fab.transfer import get, put
 
 NODES = ["cn01", "cn02", "cn03", "cn04"]
@@ -350,12 +349,3 @@ def test_cli_put_and_get(lab: Lab, env: dict[str, str], where: str, tmp_path: Pa
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     proc = mento("get", f"{where}/none", str(out), env=env)
     assert proc.returncode == 2 and "no such file" in proc.stderr
-
-
-def test_run_report_renders_as_html() -> None:
-    report = RunReport("get <x> out", [NodeResult("cn01", exit=0, message="1 file -> out/<cn01>"),
-                                       NodeResult("cn02", error="connection lost")])  # fmt: skip
-    text = report._repr_html_()
-    assert text.startswith("<table>") and text.count("<tr>") == 3
-    assert "&lt;x&gt;" in text and "out/&lt;cn01&gt;" in text and "connection lost" in text
-    assert "<x>" not in text and "<cn01>" not in text
