@@ -4,8 +4,9 @@ Run from the session directory, ``shared/id_rsa`` would be in the tree; a token
 pasted into ``config.yaml`` or a key saved with CRLF line endings is the same
 secret in other bytes. A source is refused when a file *is* a secret file (same
 real path), has a secret file's exact content, or *contains* a token value or the
-key's base64 body anywhere, whitespace and line endings ignored. Messages name the
-file and which secret it holds, never the secret.
+key's base64 body anywhere, whitespace and line endings ignored, written out or
+escaped (``\\n``, ``\\r\\n``, ``\\\\n`` as a key inside a JSON or YAML string has
+them). Messages name the file and which secret it holds, never the secret.
 
 Secrets are read here only to compare them in memory: nothing derived from their
 contents is written anywhere. The digest cache remembers, per file, that it was
@@ -13,6 +14,8 @@ checked clean against a set of secret files identified by path and ``stat`` only
 
 >>> scan = SecretScan({}, [(b"TOKENVALUE123", "an ASAPO token (t.txt)")])
 >>> scan.find(b"url: x\\nkey: TOKEN\\r\\nVALUE123 # pasted\\n")
+'an ASAPO token (t.txt)'
+>>> scan.find(rb'{"token": "TOKEN\\r\\nVALUE\\\\n123"}')
 'an ASAPO token (t.txt)'
 """
 
@@ -36,6 +39,10 @@ __all__ = ["MIN_SECRET", "SecretScan", "refuse_secrets", "secret_files"]
 #: Shorter token values are not searched for inside files: they would match by chance.
 MIN_SECRET = 8
 _WHITESPACE = b" \t\r\n\v\f"
+#: Line breaks and tabs written as escapes, however often escaped (``\\n``, ``\\\\r``),
+#: and an escaped slash (JSON may write base64's ``/`` as ``\\/``): neither a key's
+#: base64 body nor a token holds a backslash, so dropping these never hides one.
+_ESCAPES = re.compile(rb"\\+[nrtvf]|\\+(?=/)")
 _PEM_LINE = re.compile(rb"^-----(BEGIN|END) [A-Z0-9 ]+-----$")
 _READ = 1 << 20
 
@@ -50,13 +57,18 @@ def secret_files(md: BeamtimeMetadata) -> dict[str, str]:
     return {os.path.realpath(path): what for path, what in named if path}
 
 
+def _flatten(data: bytes) -> bytes:
+    """``data`` without whitespace and escaped line breaks: what secrets are sought in."""
+    return _ESCAPES.sub(b"", data).translate(None, _WHITESPACE)
+
+
 def _key_body(data: bytes) -> bytes:
     """The base64 body of a PEM-style key (headers and frame lines left out)."""
     lines = [line.strip() for line in data.splitlines()]
     if not any(_PEM_LINE.match(line) for line in lines):
-        return data.translate(None, _WHITESPACE)
+        return _flatten(data)
     body = [ln for ln in lines if ln and not _PEM_LINE.match(ln) and b":" not in ln]
-    return b"".join(body).translate(None, _WHITESPACE)
+    return _flatten(b"".join(body))
 
 
 class SecretScan:
@@ -106,24 +118,28 @@ class SecretScan:
             ident.append(f"{path}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}")
             if data:  # an empty secret file would match every empty file
                 digests.setdefault(hashlib.sha256(data).hexdigest(), label)
-            body = _key_body(data) if "key" in what else data.translate(None, _WHITESPACE)
+            body = _key_body(data) if "key" in what else _flatten(data)
             needles.append((body, label))
         identity = hashlib.sha256("\n".join(ident).encode()).hexdigest()
         return cls(files, needles, digests, identity, sizes)
 
     def find(self, data: bytes) -> str | None:
-        """What secret ``data`` contains (whitespace ignored), or None."""
-        flat = data.translate(None, _WHITESPACE)
+        """What secret ``data`` contains (whitespace and escaped line breaks ignored), or None."""
+        flat = _flatten(data)
         return next((what for needle, what in self.needles if needle in flat), None)
 
     def find_in_file(self, path: str) -> str | None:
         """:meth:`find` over a file of any size, read in pieces (a needle may span two)."""
         if not self.needles:
             return None
-        tail = b""
+        tail = carry = b""
         with open(path, "rb") as handle:
             while chunk := handle.read(_READ):
-                flat = tail + chunk.translate(None, _WHITESPACE)
+                # Backslashes ending a chunk may start an escape the next chunk ends.
+                raw = carry + chunk
+                cut = len(raw.rstrip(b"\\"))
+                raw, carry = raw[:cut], raw[cut:][-64:]
+                flat = tail + _flatten(raw)
                 found = next((what for needle, what in self.needles if needle in flat), None)
                 if found:
                     return found

@@ -27,6 +27,12 @@ def _disguises(beamtime) -> dict[str, str]:
         "config.yaml": f"asapo:\n  endpoint: x:8400\n  token: {token.strip()}  # pasted\n",
         "key.yaml": "ssh_key: |\n" + textwrap.indent(key, "    "),
         "clbt.json": json.dumps({"token": beamtime.token_ro.read_text().strip()}),
+        # a key inside a JSON string: its line breaks become the two bytes \\n
+        "key.json": json.dumps({"key": key}),
+        "key-crlf.json": json.dumps({"key": key.replace("\n", "\r\n")}),
+        "key-twice.json": json.dumps(json.dumps({"key": key})),  # \\\\n
+        "key.env": "SSH_KEY='" + key.replace("\n", "\\n") + "'\n",
+        "token.json": json.dumps({"t": token.strip()[:5] + "\r\n" + token.strip()[5:]}),
     }
 
 
@@ -41,6 +47,20 @@ def test_a_secret_inside_any_file_is_refused_naming_the_file(beamtime, secrets, 
         assert f"conf/{name}: contains" in message and "refusing to ship" in message, message
         assert "\n" not in message
         assert not any(secret in message for secret in secrets)
+
+
+def test_an_escaped_line_break_split_between_two_reads_is_still_seen(tmp_path, monkeypatch):
+    """Files are read in pieces: ``\\`` ending one piece and ``n`` starting the next."""
+    from mento_fab.deployment import secrets as module
+
+    monkeypatch.setattr(module, "_READ", 4)
+    scan = module.SecretScan({}, [(b"ABCDEFGHIJ", "an ASAPO token (t)")])
+    for offset in range(6):
+        path = tmp_path / f"f{offset}"
+        path.write_bytes(b"x" * offset + b'{"t": "ABC\\\\nDEF\\r\\nGHIJ"}')
+        assert scan.find_in_file(str(path)) == "an ASAPO token (t)", offset
+    (tmp_path / "clean").write_bytes(b'"ABC\\nDEF\\nGHI"')  # one character short
+    assert scan.find_in_file(str(tmp_path / "clean")) is None
 
 
 def test_a_file_merely_like_a_secret_is_shipped(beamtime, tmp_path):
