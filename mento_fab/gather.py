@@ -52,10 +52,12 @@ def summary_line(report: RunReport) -> str:
     failed_text = ", ".join(f"{nodes} {why}" for nodes, why in failed)
     unreachable = str(NodeSet.fromlist([r.node for r in report.unreachable]))
     count = len(report.results)
+    held = NodeSet.fromlist([r.node for r in report.held_back])
     return (
         f"{count} node{'s' if count != 1 else ''}: {len(report.succeeded)} ok, "
         f"{len(report.failed)} failed{f' ({failed_text})' if failed_text else ''}, "
         f"{len(report.unreachable)} unreachable{f' ({unreachable})' if unreachable else ''}"
+        + (f", {len(held)} held back ({held})" if len(held) else "")
     )
 
 

@@ -5,7 +5,7 @@ transfers, workers) reports a :class:`RunReport` of :class:`NodeResult`; rendere
 (:mod:`mento_fab.gather`, the command line) only read them.
 
 ``stdout``/``stderr`` are the command's own output and nothing else; the tool's
-words about a node ("not staged: another node failed") go into ``message``, so a
+words about a node ("not switched: cn03 failed") go into ``message``, so a
 script reading ``--json`` never mistakes them for output.
 
 >>> report = RunReport("true", [NodeResult("cn01", exit=0), NodeResult("cn02", exit=3),
@@ -50,14 +50,20 @@ class NodeResult:
     #: Bytes of stdout/stderr dropped beyond the output limit.
     stdout_dropped: int = 0
     stderr_dropped: int = 0
+    #: Held back by an all-or-none rule because another node failed (a deploy's node
+    #: left unswitched): not ok, yet its status is 0, the exit comes from the failures.
+    held_back: bool = False
 
     @property
     def ok(self) -> bool:
-        return self.error is None and self.exit == 0
+        return self.error is None and self.exit == 0 and not self.held_back
 
     @property
     def status(self) -> int:
-        """The node's share of the exit status rule: its exit, or 255 when it never ended."""
+        """The node's share of the exit status rule: its exit, or 255 when it never ended
+        (0 for a node held back: it did nothing wrong)."""
+        if self.held_back and self.error is None:
+            return 0
         if self.error is not None and self.exit in (None, 0):
             return UNREACHABLE_EXIT
         return self.exit if self.exit is not None else UNREACHABLE_EXIT
@@ -99,6 +105,11 @@ class RunReport:
         return [r for r in self.results if r.error is None and r.exit not in (None, 0)]
 
     @property
+    def held_back(self) -> list[NodeResult]:
+        """Nodes that did nothing wrong but were held back because another node failed."""
+        return [r for r in self.results if r.held_back and r.error is None]
+
+    @property
     def unreachable(self) -> list[NodeResult]:
         """Nodes where the command never ran or never finished (connect, auth, timeout)."""
         return [r for r in self.results if r.error is not None]
@@ -115,11 +126,14 @@ class RunReport:
         raise KeyError(node)
 
     def summary(self) -> dict[str, Any]:
+        """Counts by outcome; ``held_back`` only appears when a node was held back."""
+        held = {"held_back": len(self.held_back)} if self.held_back else {}
         return {
             "nodes": len(self.results),
             "ok": len(self.succeeded),
             "failed": len(self.failed),
             "unreachable": len(self.unreachable),
+            **held,
             "exit_status": self.exit_status,
             "seconds": round(self.seconds, 4),
         }

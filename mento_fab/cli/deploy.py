@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import shlex
+import signal
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,7 +73,12 @@ def _reported_interrupt(json: bool) -> Iterator[None]:
     try:
         yield
     except DeployInterrupted as exc:
-        _render(exc.report, json, exit_on_failure=False)
+        # A further Ctrl-C must not cut the report short: it is what the user asked for.
+        old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            _render(exc.report, json, exit_on_failure=False)
+        finally:
+            signal.signal(signal.SIGINT, old)
         raise Exit(f"mento-fab: {exc}", code=128 + exc.signum) from None
 
 

@@ -169,7 +169,7 @@ def _switch_back(
     if tally.results:
         for node, name in choice.items():
             if node not in tally.results:
-                tally.ok(node, NodeState.ABORTED, "not switched: another node failed", to=name)
+                tally.held(node, NodeState.ABORTED, "not switched: another node failed", to=name)
         return tally.report("aborted")
 
     previous = {n: f"releases/{found[n].current}" for n in choice}
@@ -192,7 +192,8 @@ def _switch_back(
             else:
                 tally.fail(node, failure, to=name)
         elif bad:
-            tally.ok(node, NodeState.REVERTED, "switched, then back: another node failed", to=name)
+            message = f"not switched: switched back, {', '.join(sorted(bad))} failed"
+            tally.held(node, NodeState.REVERTED, message, to=name)
         else:
             tally.ok(node, NodeState.SWITCHED, f"switched back to {name}", to=name)
     report = tally.report("aborted" if bad else "switched")

@@ -20,6 +20,7 @@ and the next deploy (or ``releases``) says so and sets it right.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -148,8 +149,12 @@ def deploy(
                 node, NodeState.UNCHANGED, f"unchanged: already at {value.link}", current=value.link
             )
     failed = sorted(n for n, v in probed.items() if isinstance(v, Failure))
-    if len(tally.results) == len(conns) or (failed and not dry_run):
-        tally.hold_back(f"not staged: {', '.join(failed)} failed")
+    # Leftovers of a failed or dead run are removed under the lock, also when
+    # nothing changed (they may hold the space the next deploy needs).
+    leftovers = any(isinstance(v, Probe) and v.leftovers for v in probed.values())
+    done = len(tally.results) == len(conns)
+    if (done and (failed or dry_run or not leftovers)) or (failed and not dry_run):
+        tally.hold_back(f"not switched: {', '.join(failed)} failed; nothing staged")
         return tally.report("aborted" if failed else "unchanged")
     if dry_run:
         todo = [c for c in conns if connection_node(c) not in tally.results]
@@ -159,12 +164,39 @@ def deploy(
     sharing = phases.find_shared(conns, remote, fanout)
     owner = lock.LockOwner.mine()
     reps = [g[0] for g in sharing.groups]
+    # Signals held back from the switch on stay held back until the locks are given back.
+    with contextlib.ExitStack() as held:
+        return _locked_deploy(
+            tally, release, conns, sharing, reps, remote, label, owner, lock_timeout, fanout,
+            event, StageOptions(install, pip_args, system_site_packages), keep, held,
+        )  # fmt: skip
+
+
+def _locked_deploy(
+    tally: Tally,
+    release: Release,
+    conns: Conns,
+    sharing: phases.Sharing,
+    reps: Conns,
+    remote: str,
+    label: str,
+    owner: lock.LockOwner,
+    lock_timeout: float,
+    fanout: int,
+    event: EventCallback,
+    options: StageOptions,
+    keep: int,
+    held: contextlib.ExitStack,
+) -> DeployReport:
+    """Lock every target directory, run the locked steps, give every lock back."""
     try:
         if sharing.failures:
             tally.results.clear()
             for node, failure in sharing.failures.items():
                 tally.fail(node, failure)
-            tally.hold_back(f"not staged: {', '.join(sorted(sharing.failures))} failed")
+            tally.hold_back(
+                f"not switched: {', '.join(sorted(sharing.failures))} failed; nothing staged"
+            )
             return tally.report("aborted")
         members = {connection_node(g[0]): [connection_node(c) for c in g] for g in sharing.groups}
         tally.shared = [m for m in members.values() if len(m) > 1]
@@ -178,12 +210,14 @@ def deploy(
             for node, failure in lock_failed.items():
                 for member in members[node]:
                     tally.fail(member, failure)
-            tally.hold_back(f"not staged: {', '.join(sorted(lock_failed))} failed")
+            tally.hold_back(
+                f"not switched: {', '.join(sorted(lock_failed))} failed; nothing staged"
+            )
             return tally.report("aborted")
         probes = {n: Probe.parse(str(text)) for n, text in locked.items()}
         with lock.Heartbeat(reps, remote, owner.run):
-            run = _Locked(tally, release, reps, members, probes, remote, fanout, event)
-            return run.deploy(StageOptions(install, pip_args, system_site_packages), keep)
+            run = _Locked(tally, release, reps, members, probes, remote, fanout, event, held)
+            return run.deploy(options, keep)
     finally:
         lock.release(
             [c for c in conns if connection_node(c) not in sharing.failures],
@@ -229,8 +263,11 @@ class _Locked:
         remote: str,
         fanout: int,
         event: EventCallback,
+        held: contextlib.ExitStack,
     ) -> None:
         self.tally, self.reps, self.members = tally, list(reps), members
+        #: Where the signal guard is entered: it stays until the locks are given back.
+        self.held = held
         self.probes, self.remote, self.fanout = probes, remote, fanout
         self.event = event
         self.release = release
@@ -306,19 +343,20 @@ class _Locked:
         stuck: dict[str, Failure | None] = {}
         committed: dict[str, Failure | None] = {}
         interrupted = False
-        with guard:
-            try:
-                switched = phases.switch(todo, self.remote, release.name, self.fanout, self.track)
-                if any(switched.values()):
-                    back = [c for c in todo if switched[connection_node(c)] is None]
-                    previous = {n: p.link for n, p in self.probes.items()}
-                    stuck = phases.revert(back, self.remote, previous, self.fanout, self.track)
-                else:
-                    committed = phases.commit(
-                        self.reps, self.remote, self._names(self.reps), self.fanout
-                    )
-            except KeyboardInterrupt:  # a second Ctrl-C: stop where we are, say where that is
-                interrupted = True
+        self.held.enter_context(guard)
+        try:
+            switched = phases.switch(todo, self.remote, release.name, self.fanout, self.track)
+            if any(switched.values()):
+                back = [c for c in todo if switched[connection_node(c)] is None]
+                previous = {n: p.link for n, p in self.probes.items()}
+                stuck = phases.revert(back, self.remote, previous, self.fanout, self.track)
+            else:
+                committed = phases.commit(
+                    self.reps, self.remote, self._names(self.reps), self.fanout
+                )
+        except KeyboardInterrupt:  # a second Ctrl-C: stop where we are, say where that is
+            interrupted = True
+        guard.abortable = False  # from here on, every signal waits for the report
         if interrupted:
             report = self._interrupted(todo, plans)
             raise DeployInterrupted("deploy interrupted while switching", report, signal.SIGINT)
@@ -366,8 +404,8 @@ class _Locked:
                 if isinstance(value, Failure):
                     self.tally.fail(member, value)
                 else:
-                    message = f"staged, then removed: not switched ({blame} failed)"
-                    self.tally.ok(member, NodeState.ABORTED, message, **_facts(value))
+                    message = f"not switched: {blame} failed; the staged copy was removed"
+                    self.tally.held(member, NodeState.ABORTED, message, **_facts(value))
         log.warning("deploy aborted: staging failed on %s", blame)
         return self.tally.report("aborted")
 
@@ -400,10 +438,10 @@ class _Locked:
                     # Still on the new release while the others went back: a failure.
                     self.tally.fail(member, stuck[rep], current=self.new, **facts)
                 elif bad:
-                    self.tally.ok(
+                    self.tally.held(
                         member,
                         NodeState.REVERTED,
-                        "switched back: another node failed",
+                        f"not switched: switched back, {', '.join(sorted(bad))} failed",
                         current=self.probes[rep].link or None,
                         **facts,
                     )
@@ -453,7 +491,7 @@ class _Locked:
                         **facts,
                     )
                 else:
-                    self.tally.ok(
+                    self.tally.held(
                         member,
                         NodeState.ABORTED,
                         "not switched: interrupted",

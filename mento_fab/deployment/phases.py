@@ -138,10 +138,12 @@ class Probe:
     link: str
     content_hash: str
     live: str | None = None
+    #: A dead or failed run left uploads or staging directories behind.
+    leftovers: bool = False
 
     @classmethod
     def parse(cls, text: str) -> Probe:
-        return cls(*sh.parse_probe(text), sh.parse_live(text))
+        return cls(*sh.parse_probe(text), sh.parse_live(text), sh.parse_leftovers(text))
 
     @property
     def unconfirmed(self) -> bool:
@@ -341,10 +343,13 @@ def stage(
                 sftp.close()
         except OSError as exc:
             # paramiko's SFTP errors are IOErrors: the node's failure, not bad input.
+            # A partial upload must not stay behind (on a full disk it holds the space).
+            _remove_uploads(conn, [path for path, _ in uploads])
             # SFTP (version 3) has no "disk full" status: ask the node how much is free.
             free = _free_bytes(conn, f"{remote}/releases")
             if free is not None and free < len(data):
-                raise StepFailed(Failure(no_space, error=no_space)) from None
+                # The node answered: its failure (exit 1), not a connection problem.
+                raise StepFailed(Failure(no_space, exit=1)) from None
             what = exc.strerror or str(exc) or type(exc).__name__
             raise StepFailed(Failure(error=f"upload of {uploads[0][0]} failed: {what}")) from None
         checksum = hashlib.sha256(data).hexdigest()
@@ -368,6 +373,15 @@ def stage(
 
     done, failed = _split(map_nodes(reps, one, fanout=fanout))
     return {**done, **failed}
+
+
+def _remove_uploads(conn: fabric.Connection, paths: Sequence[str]) -> None:
+    """Best effort: remove what a failed upload left (the node may be gone)."""
+    command = "rm -f -- " + " ".join(shlex.quote(p) for p in paths)
+    try:
+        execute(conn, command, timeout=COMMAND_TIMEOUT)
+    except Exception as exc:  # the failure being reported matters more
+        log.debug("%s: could not remove a partial upload: %s", connection_node(conn), exc)
 
 
 def discard(conns: Sequence[fabric.Connection], remote: str, release: Release, fanout: int) -> None:

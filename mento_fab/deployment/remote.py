@@ -94,14 +94,17 @@ def remote_dir(target: str) -> str:
 
 
 def probe_command(target: str) -> str:
-    """Read-only: where ``current`` points, its content hash, and the last live release."""
+    """Read-only: where ``current`` points, its content hash, the last live release,
+    and whether a failed or dead run left uploads or staging directories behind."""
     t = shlex.quote(target)
     return (
-        f'printf "link=%s\\nhash=%s\\nlive=%s\\nhistory=%s\\n" '
+        f'printf "link=%s\\nhash=%s\\nlive=%s\\nhistory=%s\\nleftovers=%s\\n" '
         f'"$(readlink -- {t}/current 2>/dev/null)" '
         f'"$(cat -- {t}/current/{META_DIR}/content-hash 2>/dev/null)" '
         f'"$(tail -n 1 -- {t}/{HISTORY} 2>/dev/null | cut -d " " -f 2)" '
-        f'"$(test -f {t}/{HISTORY} && echo yes)"'
+        f'"$(test -f {t}/{HISTORY} && echo yes)" '
+        f'"$(cd -- {t}/releases 2>/dev/null && for d in .staging-* .*.tar .*.drop; '
+        'do [ -e "$d" ] && echo yes && break; done)"'
     )
 
 
@@ -109,6 +112,11 @@ def parse_probe(text: str) -> tuple[str, str]:
     """``(link, content hash)`` from :func:`probe_command`'s output ("" when absent)."""
     values = _values(text)
     return values.get("link", ""), values.get("hash", "")
+
+
+def parse_leftovers(text: str) -> bool:
+    """Whether a probe found a failed or dead run's uploads or staging directories."""
+    return _values(text).get("leftovers") == "yes"
 
 
 def parse_live(text: str) -> str | None:

@@ -6,8 +6,9 @@ deploy knows (the state, bytes sent, files reused, which node staged a shared
 target) is a :class:`NodeDeploy` in :attr:`DeployReport.details`.
 
 A node that did nothing wrong but was held back by the all-or-none rule (not
-staged, switched back) reports exit 0 and says so in its message; the run's exit
-status comes from the nodes that failed.
+staged, switched back) is not ok: it reports ``exit`` None, ``held_back`` and a
+message starting "not switched: ", and counts as held back in the summary; the
+run's exit status comes from the nodes that failed.
 
 >>> NodeState.SWITCHED == "switched", NodeDeploy("cn01", NodeState.ABORTED).as_dict()
 (True, {'state': 'aborted'})
@@ -200,11 +201,15 @@ class Tally:
     def ok(self, node: str, state: NodeState, message: str, **facts: Any) -> None:
         self.set(node, state, NodeResult(node, 0, message=message), **facts)
 
+    def held(self, node: str, state: NodeState, message: str, **facts: Any) -> None:
+        """``node`` did nothing wrong, but is not on the new release: another node failed."""
+        self.set(node, state, NodeResult(node, None, message=message, held_back=True), **facts)
+
     def hold_back(self, message: str) -> None:
         """Every node without a result yet stays as it was: another node failed."""
         for node in self.nodes:
             if node not in self.results:
-                self.ok(node, NodeState.ABORTED, message)
+                self.held(node, NodeState.ABORTED, message)
 
     def report(self, outcome: str) -> DeployReport:
         command = (

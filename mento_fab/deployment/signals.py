@@ -6,6 +6,8 @@ Inside :class:`SignalGuard` these signals are only recorded; the deploy finishes
 switching (or switching back) every node and then stops, raising
 :class:`~mento_fab.errors.DeployInterrupted` with the report. A second Ctrl-C
 aborts at once (``KeyboardInterrupt``); the caller then reports where each node is.
+Any later signal is only recorded: the report and the release of the locks must
+not be cut short by a third Ctrl-C, so the caller keeps the guard until both are done.
 
 Signal handlers can only be set from the main thread: elsewhere the guard holds
 nothing back (the host program owns its signals then).
@@ -34,10 +36,14 @@ DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class SignalGuard:
-    """Record :data:`DEFERRED` signals instead of acting on them; a second SIGINT aborts."""
+    """Record :data:`DEFERRED` signals instead of acting on them; the second SIGINT
+    (and only that one) aborts."""
 
     def __init__(self) -> None:
         self.received: list[int] = []
+        #: Whether a second SIGINT aborts; cleared once the switch is over, when
+        #: stopping early would only cut the report and the lock's release short.
+        self.abortable = True
         self._old: dict[int, Any] = {}
 
     @property
@@ -62,8 +68,9 @@ class SignalGuard:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.received.append(signum)
-        log.warning(
-            "%s received: finishing the switch on every node first", signal.Signals(signum).name
-        )
-        if signum == signal.SIGINT and self.received.count(signal.SIGINT) > 1:
+        what = "finishing the switch on every node first"
+        if self.received.count(signal.SIGINT) > 1:
+            what = "reporting where every node is and giving the locks back first"
+        log.warning("%s received: %s", signal.Signals(signum).name, what)
+        if self.abortable and signum == signal.SIGINT and self.received.count(signum) == 2:
             raise KeyboardInterrupt

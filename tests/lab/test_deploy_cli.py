@@ -46,6 +46,11 @@ def test_cli_deploy_json_and_exit_status(lab, lab_session, project, local_target
     assert doc["outcome"] == "aborted"
     cn04 = next(n for n in doc["nodes"] if n["node"] == "cn04")
     assert cn04["exit"] is None and cn04["error"]
+    # the others were held back, not "ok": the summary must not contradict the outcome
+    assert {k: doc["summary"].get(k) for k in ("ok", "failed", "unreachable", "held_back")} == {
+        "ok": 0, "failed": 0, "unreachable": 1, "held_back": 3
+    }, doc["summary"]  # fmt: skip
+    assert all(n["message"].startswith("not switched: cn04") for n in doc["nodes"][:3])
     bad = subprocess.run(
         [*cli[:3], "deploy", "--metadata", str(lab_session), "--source", "/nonexistent"],
         capture_output=True, text=True, env=env, timeout=60,

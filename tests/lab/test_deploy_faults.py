@@ -16,6 +16,7 @@ from deploy_helpers import NODES, current_of, make_project, on_node, release_dir
 
 from mento_fab import connection
 from mento_fab.deployment import deploy, lock, releases, rollback
+from mento_fab.deployment.remote import LOCK
 from mento_fab.errors import DeployLocked
 from mento_fab.nodes import nodes_group
 
@@ -139,6 +140,49 @@ def test_a_second_ctrl_c_aborts_and_the_report_names_every_nodes_release(
             assert actual == info["current"] == f"releases/{first}"
         else:
             assert info["state"] == "unknown" and actual in (new, f"releases/{first}")
+
+
+@pytest.mark.parametrize("count", [3, 6])
+def test_ctrl_c_hammered_while_switching_still_reports_and_unlocks(
+    lab, lab_session, project, local_target, count
+):
+    """Three (or six) Ctrl-C 50 ms apart: the second aborts, the later ones must not cut
+    the report or the release of the locks short."""
+    first = run_deploy_cli(lab, lab_session, project, local_target)
+    (project / "analysis.py").write_text("VERSION = 2\n")
+    argv = [
+        sys.executable, str(HERE / "signal_deploy.py"), "SIGINT", "cn01", f"x{count}",
+        "deploy", "--metadata", str(lab_session), "--source", str(project),
+        "--target", local_target, "--fanout", "1",
+    ]  # fmt: skip
+    for json_out in (True, False):
+        if not json_out:  # again, from the first release, for the table
+            (project / "analysis.py").write_text(f"VERSION = {count}\n")
+        proc = subprocess.run(
+            argv + (["--json"] if json_out else []),
+            capture_output=True, text=True, env=cli_env(lab), timeout=120,
+        )  # fmt: skip
+        assert proc.returncode == 130, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        for node in NODES:  # every lock given back
+            assert on_node(lab, node, f"test -e {local_target}/{LOCK} && echo held") == ""
+        if not json_out:
+            for node in NODES:  # the table names every node and where it is
+                row = next(ln for ln in proc.stdout.splitlines() if node in ln)
+                assert any(s in row for s in ("switched", "aborted", "unknown")), proc.stdout
+            assert "interrupted" in proc.stdout, proc.stdout
+            continue
+        doc = json.loads(proc.stdout)
+        assert doc["outcome"] == "interrupted"
+        new = f"releases/{doc['release']}"
+        for node, info in doc["details"].items():
+            actual = current_of(lab, node, local_target)
+            if info["state"] == "switched":
+                assert actual == new
+            elif info["state"] == "aborted":
+                assert actual == info["current"] == f"releases/{first}"
+            else:
+                assert info["state"] == "unknown" and actual in (new, f"releases/{first}")
 
 
 def run_deploy_cli(lab, lab_session: Path, project: Path, target: str, *extra: str) -> str:
@@ -446,6 +490,43 @@ def test_a_full_disk_is_reported_as_no_space_left(lab, lab_session, project, loc
             assert cn03["message"] == expected, (leave, cn03)
             assert "checksum" not in json.dumps(cn03)
             assert {current_of(lab, n, local_target) for n in NODES} == {f"releases/{first}"}
+            # cn03 answered: it failed, it is not unreachable; the others were held back
+            assert cn03["error"] is None and cn03["exit"] not in (None, 0), cn03
+            counts = {k: doc["summary"].get(k) for k in ("ok", "failed", "unreachable")}
+            assert counts == {"ok": 0, "failed": 1, "unreachable": 0}, doc["summary"]
+            assert doc["summary"]["held_back"] == 3
+            for node in doc["nodes"]:
+                if node["node"] != "cn03":
+                    assert node["exit"] is None and node["error"] is None, node
+                    assert node["message"].startswith("not switched: cn03 failed"), node
+            # no partial upload or staging directory left behind
+            assert release_dirs(lab, "cn03", local_target) == [first], leave
+            text = subprocess.run(
+                argv[:-1], capture_output=True, text=True, env=cli_env(lab), timeout=120
+            )
+            assert text.returncode == proc.returncode, text.stderr
+            assert (text.stdout + text.stderr).count(expected) == 1, text.stdout + text.stderr
+            assert text.stderr.splitlines()[-1] == (
+                f"4 nodes: 0 ok, 1 failed (cn03 exit {cn03['exit']}), 0 unreachable, "
+                "3 held back (cn[01-02,04])"
+            ), text.stderr
+            assert release_dirs(lab, "cn03", local_target) == [first], leave
     finally:
         on_node(lab, "cn03", "rm -f /srv/local/filler")
     assert run_deploy_cli(lab, lab_session, project, local_target) != first
+
+
+def test_an_unchanged_redeploy_removes_leftovers_of_failed_runs(
+    lab, lab_session, project, local_target
+):
+    """A failed or killed run's upload holds space: even a deploy with nothing to do
+    removes it (under the lock, so never another running deploy's)."""
+    first = run_deploy_cli(lab, lab_session, project, local_target)
+    junk = [".20990101-000000-dead.tar", ".20990101-000000-dead.drop", ".staging-20990101-x"]
+    as_user(lab, "cn02", f"cd {local_target}/releases && : > {junk[0]} && : > {junk[1]} && "
+            f"mkdir {junk[2]} && : > {junk[2]}/f")  # fmt: skip
+    assert sorted(release_dirs(lab, "cn02", local_target)) == sorted([*junk, first])
+    run_deploy_cli(lab, lab_session, project, local_target)  # nothing changed: no new release
+    for node in NODES:
+        assert release_dirs(lab, node, local_target) == [first], node
+        assert current_of(lab, node, local_target) == f"releases/{first}"
