@@ -17,7 +17,7 @@ import shlex
 from mento_fab import defaults
 from mento_fab.workers.spec import check_name
 
-__all__ = ["follow", "listing", "logs", "python", "top"]
+__all__ = ["follow", "listing", "logs", "python", "top_loop"]
 
 #: The node's python3 (the supervisor's interpreter); exit 127 with a message if none.
 _FIND_PYTHON = (
@@ -65,33 +65,36 @@ def listing(base: str = defaults.WORKERS_DIR, name: str | None = None) -> str:
     )
 
 
-def top(base: str = defaults.WORKERS_DIR, target: str | None = None, sample: float = 0) -> str:
-    """One ``top`` sample: load, CPU counters, memory, disk of ``target``, GPUs, workers.
+def top_loop(base: str = defaults.WORKERS_DIR, target: str | None = None, *, end: str) -> str:
+    """A sampling loop for ``top``: one ``sh`` per node, kept open between refreshes.
 
-    ``sample`` > 0 reads the CPU counters twice that many seconds apart (for a first
-    sample with nothing earlier to compare against).
+    Each line the client writes (``SLEEP DISK``) asks for one sample, answered by its
+    lines and then ``end`` alone on a line: load, CPU counters (read twice, ``SLEEP``
+    seconds apart, when ``SLEEP`` is not 0), memory, free space of ``target`` (when
+    ``DISK`` is 1), GPUs, workers. Built-ins only, but ``df`` and ``nvidia-smi``. EOF
+    on stdin (the client closed, or its connection went) ends the loop.
     """
     disk = _base(target) if target else '"$HOME"'
-    second = f'sleep {sample:g}; read -r c < /proc/stat; echo "V $c"; ' if sample > 0 else ""
-    return (
-        _HEAD
+    body = (
+        "_z=$1; _d=$2; "
+        + _HEAD
         + 'read -r l < /proc/loadavg; echo "L $l"; n=0; '
         + "{ read -r c; while read -r k r; do case $k in cpu[0-9]*) n=$((n+1));; *) break;; "
         + 'esac; done; } < /proc/stat; echo "U $n $c"; '
-        + second
+        + 'if [ "$_z" != 0 ]; then sleep "$_z"; read -r c < /proc/stat; echo "V $c"; fi; '
         + 'while read -r k v u; do case $k in MemTotal:|MemAvailable:) echo "M $k $v";; '
         + "esac; done < /proc/meminfo; "
-        + f't={disk}; [ -d "$t" ] || t="$HOME"; '
+        + f'if [ "$_d" = 1 ]; then t={disk}; [ -d "$t" ] || t="$HOME"; '
         + 'df -Pk "$t" 2>/dev/null | { read -r x; read -r f sz us av x; '
-        + 'echo "D $sz $us $av $t"; }; '
+        + 'echo "D $sz $us $av $t"; }; fi; '
         + "if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi "
         + "--query-gpu=index,utilization.gpu,memory.used,memory.total "
         + "--format=csv,noheader,nounits 2>/dev/null | "
         + 'while read -r g; do echo "G $g"; done; fi; '
         + "s=; "
         + _records(base, None)
-        + "exit 0"
     )
+    return f"_t() {{ {body} }}; while read -r q; do _t $q; echo {shlex.quote(end)}; done"
 
 
 def _name_dir(base: str, name: str) -> str:

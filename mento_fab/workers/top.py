@@ -1,12 +1,13 @@
 """Snapshots of the reserved nodes for ``mento-fab top``: load, CPU, memory, GPUs, disk, workers.
 
-One light command per node per refresh (:func:`.shell.top`: ``sh`` built-ins
-reading ``/proc``, one ``df``, ``nvidia-smi`` where present) over the group's open
-connections, from a pool of threads that outlives the refreshes. A node that
-does not answer in time keeps its previous sample, marked as waiting, and never
-holds up the others; one that cannot be reached shows its error once the connect
-timeout is over. CPU % is the busy share of the node's CPU time since the
-previous sample (the first sample reads the counters twice, ``FIRST_SAMPLE`` s apart).
+One light request per node per refresh over the group's open connections: a small
+``sh`` loop (:func:`.shell.top_loop`) stays open on every node and answers each
+request with shell built-ins reading ``/proc`` and the worker records (``df`` every
+few refreshes, ``nvidia-smi`` where present). A node that does not answer in time
+keeps its previous sample, marked as waiting, and never holds up the others; one
+that cannot be reached shows its error once the connect timeout is over. CPU % is
+the busy share of the node's CPU time since the previous sample (the first sample
+reads the counters twice, ``FIRST_SAMPLE`` s apart).
 
 >>> from mento_fab import nodes_group                       # doctest: +SKIP
 >>> with Top(nodes_group(), metadata=md) as top:            # doctest: +SKIP
@@ -16,22 +17,26 @@ previous sample (the first sample reads the counters twice, ``FIRST_SAMPLE`` s a
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import queue
+import secrets
+import select
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 import fabric
+import paramiko
 
 from mento_fab import defaults
-from mento_fab.connection import connection_node, describe_error
+from mento_fab.connection import connection_node, describe_error, open_channel
 from mento_fab.defaults import UNREACHABLE_EXIT
 from mento_fab.metadata import BeamtimeMetadata
-from mento_fab.workers import remote, shell
+from mento_fab.workers import shell
 from mento_fab.workers.spec import WorkerRow, parse_listing
 
 __all__ = ["FIRST_SAMPLE", "NodeSample", "Snapshot", "Top"]
@@ -42,6 +47,10 @@ FIRST_SAMPLE = 0.25
 RESERVATION_TTL = 60.0
 #: Seconds a one-off snapshot waits for Slurm's answer about the reservation.
 RESERVATION_WAIT = 5.0
+#: Free disk space is read every this many refreshes (``df`` is the one program run).
+DISK_EVERY = 5
+#: Largest answer to one sample request (bytes); more means something is wrong.
+MAX_ANSWER = 4 * 1024 * 1024
 
 
 class _Pool:
@@ -224,8 +233,34 @@ def parse_sample(node: str, text: str, previous: NodeSample | None) -> NodeSampl
     return sample
 
 
+class _Shell:
+    """The sampling loop (:func:`.shell.top_loop`) on one node: a channel kept open."""
+
+    def __init__(self, conn: fabric.Connection) -> None:
+        self.conn = conn
+        self.node = connection_node(conn)
+        self.channel: paramiko.Channel | None = None
+        self.out = bytearray()
+        self.busy = False
+        self.first = True
+
+    def drop(self) -> None:
+        if self.channel is not None:
+            self.channel.close()
+        self.channel, self.busy, self.first = None, False, True
+        self.out.clear()
+
+
 class Top:
-    """Samples a group of nodes; :meth:`refresh` returns a :class:`Snapshot`."""
+    """Samples a group of nodes; :meth:`refresh` returns a :class:`Snapshot`.
+
+    One ``sh`` loop per node stays open on the node's connection between refreshes,
+    so a refresh costs a node one request line and a few built-ins (no new SSH
+    channel, no new shell), and the client one ``select()`` loop in the calling
+    thread. Connections are (re)opened by daemon threads, so a node that does not
+    answer never holds up the others or the program's exit. Not thread-safe: one
+    caller refreshes.
+    """
 
     def __init__(
         self,
@@ -235,21 +270,24 @@ class Top:
         target: str | None = None,
         base: str = defaults.WORKERS_DIR,
         fanout: int = defaults.FANOUT,
+        disk_every: int = DISK_EVERY,
     ) -> None:
         self.conns: list[fabric.Connection] = list(group)
         self.metadata, self.target, self.base = metadata, target, base
+        self.end = f"MENTO-TOP-{secrets.token_hex(8)}"
+        self.loop = shell.top_loop(base, target, end=self.end)
+        self.shells = [_Shell(c) for c in self.conns]
+        self.samples: dict[str, NodeSample] = {}
+        self.errors: dict[str, str] = {}
+        self.connecting: dict[str, Future[Any]] = {}
         self.pool = _Pool(max(1, min(fanout, len(self.conns))))
         self._slurm_pool = _Pool(1)
-        self.samples: dict[str, NodeSample] = {}
-        self.pending: dict[str, Future[NodeSample]] = {}
+        self.disk_every = max(1, disk_every)
+        self.count = 0
         self._reservation: dict[str, Any] = {}
         self._reservation_at = -RESERVATION_TTL
         self._reservation_job: Future[dict[str, Any]] | None = None
         self._lock = threading.Lock()
-        self._commands = {
-            True: shell.top(base, target, FIRST_SAMPLE),
-            False: shell.top(base, target, 0),
-        }
 
     def __enter__(self) -> Top:
         return self
@@ -258,52 +296,115 @@ class Top:
         self.close()
 
     def close(self) -> None:
+        """End the loops on the nodes (EOF on their stdin) and the threads."""
+        for sh in self.shells:
+            if sh.channel is not None:
+                with contextlib.suppress(Exception):
+                    sh.channel.shutdown_write()
+                sh.channel.close()
         self.pool.close()
         self._slurm_pool.close()
 
-    def _sample(self, conn: fabric.Connection) -> NodeSample:
-        node = connection_node(conn)
-        previous = self.samples.get(node)
-        first = previous is None or previous.counters is None
-        try:
-            result = remote.call(conn, self._commands[first])
-        except Exception as exc:  # pragma: no cover - call keeps errors in the result
-            return NodeSample(node, error=describe_error(exc), taken=time.monotonic())
-        if result.error is not None or result.exit != 0:
-            lines = result.stderr.strip().splitlines() or [f"exit {result.exit}"]
-            why = result.error or lines[-1]
-            return NodeSample(node, error=why, taken=time.monotonic())
-        return parse_sample(node, result.stdout, previous)
+    def _open(self, sh: _Shell) -> None:
+        channel = open_channel(sh.conn)
+        channel.exec_command(self.loop)
+        sh.channel = channel
+
+    def _connect(self, deadline: float | None) -> None:
+        """Start (re)opening every node without a loop; wait for them until ``deadline``."""
+        for sh in self.shells:
+            if sh.channel is None and sh.node not in self.connecting:
+                self.connecting[sh.node] = self.pool.submit(lambda sh=sh: self._open(sh))
+        if self.connecting:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait(list(self.connecting.values()), left)
+        for node, future in list(self.connecting.items()):
+            if future.done():
+                del self.connecting[node]
+                exc = future.exception()
+                if exc is not None:
+                    conn = next(c for c in self.conns if connection_node(c) == node)
+                    self.errors[node] = describe_error(exc, conn.connect_timeout)
+                else:
+                    self.errors.pop(node, None)
+
+    def _ask(self) -> None:
+        disk = "1" if self.count % self.disk_every == 0 else "0"
+        for sh in self.shells:
+            if sh.channel is not None and not sh.busy:
+                request = f"{FIRST_SAMPLE:g} {disk}\n" if sh.first else f"0 {disk}\n"
+                try:
+                    sh.channel.sendall(request.encode())
+                except Exception as exc:
+                    self.errors[sh.node] = describe_error(exc)
+                    sh.drop()
+                    continue
+                sh.busy = True
+
+    def _read(self, deadline: float | None) -> None:
+        """Read answers until every asked node has answered (or ``deadline``)."""
+        end = self.end.encode() + b"\n"
+        while True:
+            busy = [sh for sh in self.shells if sh.busy and sh.channel is not None]
+            if not busy:
+                return
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return
+            ready = select.select([sh.channel for sh in busy], [], [], left)[0]
+            for sh in busy:
+                channel = sh.channel
+                if channel is None or channel not in ready:
+                    continue
+                while channel.recv_ready():
+                    sh.out += channel.recv(65536)
+                while channel.recv_stderr_ready():
+                    channel.recv_stderr(65536)
+                at = sh.out.find(end)
+                if at >= 0 and (at == 0 or sh.out[at - 1] == 10):
+                    text = sh.out[:at].decode("utf-8", "replace")
+                    del sh.out[: at + len(end)]
+                    sh.busy = False
+                    self._done(sh, text)
+                elif channel.eof_received or channel.closed or len(sh.out) > MAX_ANSWER:
+                    self.errors[sh.node] = (
+                        "connection lost" if len(sh.out) <= MAX_ANSWER else ("answer too large")
+                    )
+                    sh.drop()
+
+    def _done(self, sh: _Shell, text: str) -> None:
+        previous = self.samples.get(sh.node)
+        sample = parse_sample(sh.node, text, None if sh.first else previous)
+        sh.first = False
+        if sample.disk_total is None and previous is not None:  # disk is read less often
+            sample.disk_path = previous.disk_path
+            sample.disk_free, sample.disk_total = previous.disk_free, previous.disk_total
+        self.samples[sh.node] = sample
+        self.errors.pop(sh.node, None)
 
     def refresh(self, timeout: float | None = None, *, once: bool = False) -> Snapshot:
-        """Sample every node that is not still busy with its last sample; wait up to
-        ``timeout`` seconds (None: until every node answered or failed).
+        """Ask every node that is not still answering for a sample; wait up to ``timeout``
+        seconds (None: until every node answered or failed).
 
         ``once``: a single snapshot, so a node that has not answered within ``timeout``
         is an error, and Slurm gets :data:`RESERVATION_WAIT` seconds for the reservation.
         """
         start = time.monotonic()
-        for conn in self.conns:
-            node = connection_node(conn)
-            if node not in self.pending:
-                self.pending[node] = self.pool.submit(lambda conn=conn: self._sample(conn))
         deadline = None if timeout is None else start + timeout
-        while self.pending:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            done, _ = wait(list(self.pending.values()), left, return_when=FIRST_COMPLETED)
-            for node, future in list(self.pending.items()):
-                if future in done:
-                    del self.pending[node]
-                    self.samples[node] = future.result()
+        self._connect(deadline)
+        self._ask()
+        self._read(deadline)
+        self.count += 1
         self._start_reservation()
         nodes = []
-        for conn in self.conns:
-            node = connection_node(conn)
-            sample = self.samples.get(node) or NodeSample(node)
-            sample.waiting = node in self.pending
-            if once and sample.waiting:
+        for sh in self.shells:
+            error = self.errors.get(sh.node)
+            sample = self.samples.get(sh.node)
+            if sample is None or (error and sh.channel is None):
+                sample = NodeSample(sh.node, error=error)
+            waiting = sh.busy or sh.node in self.connecting
+            sample.waiting = waiting
+            if once and waiting and sample.error is None:
                 sample.error = f"no answer within {timeout:g} s"
             nodes.append(sample)
         job = self._reservation_job
@@ -312,7 +413,7 @@ class Top:
         return Snapshot(nodes, self.reservation(), seconds=time.monotonic() - start)
 
     def _start_reservation(self) -> None:
-        """Look the reservation up (in the pool) once a node answered, every minute."""
+        """Look the reservation up (in a daemon thread) once a node answered, every minute."""
         if self.metadata is None or self.metadata.online is None:
             return
         if not any(c.is_connected for c in self.conns):

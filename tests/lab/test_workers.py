@@ -341,6 +341,8 @@ def test_top_once_json_and_a_node_without_sshd(
         assert node["disk"]["free"] > 0 and node["gpus"] == []
         assert [(w["name"], w["state"]) for w in node["workers"]] == [(name, "running")]
     assert data["reservation"]["name"] == "11019999"
+    for node in NODES:  # top's sampling loops ended with it
+        assert not [p for p in node_processes(lab, node) if "read -r q" in p], node
     lab.stop_sshd("cn04")
     try:
         proc = cli("top", "--once", "--json", "--connect-timeout", "3")
