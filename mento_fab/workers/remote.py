@@ -72,7 +72,7 @@ def call(
         channel.exec_command(command)
         if stdin:
             channel.sendall(stdin)
-        channel.shutdown_write()
+            channel.shutdown_write()  # the node's python3 reads to EOF
         while True:
             while channel.recv_ready():
                 _keep(out, channel.recv(65536), max_output, result, "stdout")

@@ -34,9 +34,12 @@ def _base(base: str) -> str:
     return '"$HOME"/' + shlex.quote(base.removeprefix("~/").rstrip("/"))
 
 
+#: Lines are collected in ``$o`` and written at once: every ``echo`` to sshd's pipe
+#: would become an SSH packet of its own, and each packet costs the client CPU time.
+_OUT = 'o=; _o() { o="$o$1\n"; }; '
 _HEAD = (
     "read -r h < /proc/sys/kernel/hostname; read -r b < /proc/sys/kernel/random/boot_id; "
-    'echo "H $h $b"; '
+    '_o "H $h $b"; '
 )
 
 
@@ -46,10 +49,10 @@ def _records(base: str, name: str | None) -> str:
     return (
         f'for d in {_base(base)}/"$h"/{pattern}/[0-9]*; do '
         '[ -f "$d/state.json" ] || continue; '
-        'p=; read -r p 2>/dev/null < "$d/pids"; echo "R $p"; set -- $p; st=; '
-        '[ -n "$1" ] && read -r st 2>/dev/null < "/proc/$1/stat"; echo "P ${st##*) }"; '
+        'p=; read -r p 2>/dev/null < "$d/pids"; _o "R $p"; set -- $p; st=; '
+        '[ -n "$1" ] && read -r st 2>/dev/null < "/proc/$1/stat"; _o "P ${st##*) }"; '
         '[ -n "$4" ] && s="$s${s:+,}$4"; '
-        'read -r j < "$d/state.json"; echo "S $j"; '
+        'read -r j < "$d/state.json"; _o "S $j"; '
         "done; "
     )
 
@@ -57,10 +60,12 @@ def _records(base: str, name: str | None) -> str:
 def listing(base: str = defaults.WORKERS_DIR, name: str | None = None) -> str:
     """``ps``: the records of ``name`` (or all) and the CPU/memory of their sessions."""
     return (
-        _HEAD
+        _OUT
+        + _HEAD
         + "s=; "
         + _records(base, name)
-        + 'if [ -n "$s" ]; then echo C; ps -o sid=,pcpu=,rss= --sid "$s" 2>/dev/null; fi; '
+        + '[ -n "$s" ] && _o C; printf %s "$o"; '
+        + '[ -n "$s" ] && ps -o sid=,pcpu=,rss= --sid "$s" 2>/dev/null; '
         + "exit 0"
     )
 
@@ -69,32 +74,34 @@ def top_loop(base: str = defaults.WORKERS_DIR, target: str | None = None, *, end
     """A sampling loop for ``top``: one ``sh`` per node, kept open between refreshes.
 
     Each line the client writes (``SLEEP DISK``) asks for one sample, answered by its
-    lines and then ``end`` alone on a line: load, CPU counters (read twice, ``SLEEP``
-    seconds apart, when ``SLEEP`` is not 0), memory, free space of ``target`` (when
-    ``DISK`` is 1), GPUs, workers. Built-ins only, but ``df`` and ``nvidia-smi``. EOF
-    on stdin (the client closed, or its connection went) ends the loop.
+    lines and then ``end`` alone on a line, in one write: load, CPU counters (read
+    twice, ``SLEEP`` seconds apart, when ``SLEEP`` is not 0), memory, free space of
+    ``target`` (when ``DISK`` is 1), GPUs, workers. Built-ins only, but ``df`` and
+    ``nvidia-smi``. EOF on stdin (the client closed, or its connection went) ends it.
     """
     disk = _base(target) if target else '"$HOME"'
     body = (
-        "_z=$1; _d=$2; "
+        "_z=$1; _d=$2; o=; "
         + _HEAD
-        + 'read -r l < /proc/loadavg; echo "L $l"; n=0; '
+        + 'read -r l < /proc/loadavg; _o "L $l"; n=0; '
         + "{ read -r c; while read -r k r; do case $k in cpu[0-9]*) n=$((n+1));; *) break;; "
-        + 'esac; done; } < /proc/stat; echo "U $n $c"; '
-        + 'if [ "$_z" != 0 ]; then sleep "$_z"; read -r c < /proc/stat; echo "V $c"; fi; '
-        + 'while read -r k v u; do case $k in MemTotal:|MemAvailable:) echo "M $k $v";; '
+        + 'esac; done; } < /proc/stat; _o "U $n $c"; '
+        + 'if [ "$_z" != 0 ]; then sleep "$_z"; read -r c < /proc/stat; _o "V $c"; fi; '
+        + 'while read -r k v u; do case $k in MemTotal:|MemAvailable:) _o "M $k $v";; '
         + "esac; done < /proc/meminfo; "
         + f'if [ "$_d" = 1 ]; then t={disk}; [ -d "$t" ] || t="$HOME"; '
-        + 'df -Pk "$t" 2>/dev/null | { read -r x; read -r f sz us av x; '
-        + 'echo "D $sz $us $av $t"; }; fi; '
+        # df -P prints a header of 7 words, then filesystem, size, used, available (kB)
+        + 'set -- $(df -Pk "$t" 2>/dev/null); [ $# -ge 11 ] && _o "D $9 ${10} ${11} $t"; fi; '
         + "if command -v nvidia-smi >/dev/null 2>&1; then nvidia-smi "
         + "--query-gpu=index,utilization.gpu,memory.used,memory.total "
         + "--format=csv,noheader,nounits 2>/dev/null | "
         + 'while read -r g; do echo "G $g"; done; fi; '
         + "s=; "
         + _records(base, None)
+        + f"_o {shlex.quote(end)}; "
+        + 'printf %s "$o"'
     )
-    return f"_t() {{ {body} }}; while read -r q; do _t $q; echo {shlex.quote(end)}; done"
+    return f"{_OUT}_t() {{ {body}; }}; while read -r q; do _t $q; done"
 
 
 def _name_dir(base: str, name: str) -> str:
