@@ -78,21 +78,23 @@ def call(
                 _keep(out, channel.recv(65536), max_output, result, "stdout")
             while channel.recv_stderr_ready():
                 _keep(err, channel.recv_stderr(65536), max_output, result, "stderr")
-            if (
-                channel.exit_status_ready()
-                and not channel.recv_ready()
-                and (not channel.recv_stderr_ready())
-            ):
+            drained = not channel.recv_ready() and not channel.recv_stderr_ready()
+            if (channel.eof_received or channel.closed) and drained:
                 break
-            if deadline is not None and time.monotonic() > deadline:
-                result.error = f"timed out after {timeout:g} s"
+            _alive(channel, deadline, timeout)
+            select.select([channel], [], [], _left(deadline))
+        # The output is complete; the exit status follows (a closed channel's pipe
+        # stays readable, so waiting in select() here would spin).
+        while not channel.status_event.wait(_left(deadline)):
+            if channel.closed:
                 break
-            if not channel.get_transport().is_active():
-                result.error = "connection lost before the command finished"
-                break
-            select.select([channel], [], [], 1.0)
-        if result.error is None:
-            result.exit = channel.recv_exit_status()
+            _alive(channel, deadline, timeout)
+        if channel.status_event.is_set():
+            result.exit = channel.exit_status
+        else:
+            result.error = "connection lost before the command finished"
+    except _TimedOut as exc:
+        result.error = str(exc)
     except Exception as exc:  # one node's failure is data
         result.error = describe_error(exc, conn.connect_timeout)
     finally:
@@ -102,6 +104,21 @@ def call(
     result.stderr = err.decode("utf-8", "replace")
     result.seconds = time.monotonic() - start
     return result
+
+
+class _TimedOut(Exception):
+    """The command's time is up, or its connection went."""
+
+
+def _left(deadline: float | None) -> float:
+    return 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+
+
+def _alive(channel: paramiko.Channel, deadline: float | None, timeout: float | None) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise _TimedOut(f"timed out after {timeout:g} s")
+    if not channel.get_transport().is_active():
+        raise _TimedOut("connection lost before the command finished")
 
 
 def _keep(buf: bytearray, chunk: bytes, limit: int, result: NodeResult, stream: str) -> None:
