@@ -2,7 +2,7 @@
 
     PYTHONPATH=$PWD python bench/bench_transfer.py [--rounds 5] [--nodes 8] [--no-docs]
 
-Brings up its own lab (prefix ``bxfer``, subnet 198.18.10.0/24, workdir
+Brings up its own lab (prefix ``bxfer``, subnet 198.18.11.0/24 or ``--subnet``, workdir
 /tmp/bench-transfer) and moves one 50 MB file of random bytes (nothing compresses it)
 to and from every node's own disk (``/srv/local``, so every tool writes it once per
 node), all nodes at once:
@@ -97,12 +97,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--nodes", type=int, default=8)
     parser.add_argument("--no-docs", action="store_true", help="print only")
+    parser.add_argument("--subnet", default="198.18.11", help="the lab's /24 (three octets)")
     args = parser.parse_args()
 
     if (WORKDIR / "lab.json").exists():
         Lab.from_state(WORKDIR).down()
     shutil.rmtree(WORKDIR, ignore_errors=True)
-    lab = Lab(WORKDIR, args.nodes, prefix="bxfer", subnet="198.18.10")
+    lab = Lab(WORKDIR, args.nodes, prefix="bxfer", subnet=args.subnet)
     load_before = load()
     lab.up()
     try:
