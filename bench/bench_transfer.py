@@ -228,9 +228,8 @@ SFTP `get` with prefetch took 2.5x the time and 2.7x the client CPU of a stream,
 its `put` 1.2x the time; OpenSSH's scp (SFTP protocol since 9.0) pays for request
 and response round trips on `get` too. `put` sends through sshd's 32 kB channel
 packets, and paramiko spends about as much CPU per packet in Python as `ssh` spends
-in C, so its client
-CPU stays level with scp's (the goal "well under" is missed); mento-fab's figure
-also includes starting the interpreter and importing fabric and paramiko (about
+in C, so its client CPU stays level with scp's (the goal "well under" is missed);
+mento-fab's figure also includes starting the interpreter and importing fabric and paramiko (about
 0.4 s of CPU). The wall time is lower, probably because one process competes less
 with the nodes' sshd for the two cores than 16 `scp`/`ssh` processes do. A
 directory the nodes share (a cluster home) is written once by `put`, which no
