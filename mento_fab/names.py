@@ -24,7 +24,8 @@ HOSTNAME_RE = re.compile(rf"^(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 USERNAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_.-]{0,31}\Z")
 #: Ids, partitions, reservations: safe in paths, job names and command lines.
 IDENTIFIER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:+-]{0,127}\Z")
-BEAMLINE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}\Z")
+#: Beamline names: PETRA III has ``P02.1``, ``P21.2``; a dot may not lead or repeat (no ``..``).
+BEAMLINE_RE = re.compile(r"^(?!.*\.\.)[A-Za-z0-9][A-Za-z0-9_.-]{0,31}\Z")
 #: Control characters (NUL, newlines, ESC, the C1 set with CSI) have no place in a path,
 #: a name or a message: on a terminal they forge lines, move the cursor or clear the screen.
 CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")

@@ -266,6 +266,12 @@ def _(m: Maker):
     return m.session("commissioning")  # the spec's example, beamline "P04"
 
 
+@case("file-beamline-with-a-dot")
+def _(m: Maker):
+    # PETRA III's P02.1, P21.1, P21.2: the original loads them.
+    return m.session("current", _set("beamline", "p21.1"))
+
+
 @case("file-commissioning-minimal")
 def _(m: Maker):
     doc = {k: m.commissioning_doc[k] for k in ("beamline", "corePath", "generated", "id", "tag")}

@@ -574,7 +574,7 @@ def test_new_key_wins_over_legacy_key(beamtime):
     assert parse_metadata_file(beamtime.metadata).corefs_path == doc["corePath"]
 
 
-@pytest.mark.parametrize("beamline", ["P11", "p11", "P02_1", "P64"])
+@pytest.mark.parametrize("beamline", ["P11", "p11", "P02_1", "P64", "P02.1", "p21.2"])
 def test_blfs_mountpoint_is_lower_case_beamline(beamtime, beamline):
     doc = copy.deepcopy(beamtime.doc)
     doc["beamline"] = beamline
@@ -585,7 +585,9 @@ def test_blfs_mountpoint_is_lower_case_beamline(beamtime, beamline):
     assert md.online.blfs_mountpoint == f"/beamline/{beamline.lower()}"
 
 
-@pytest.mark.parametrize("beamline", ["", "../p11", "p11/x", "p 11", "p11\n", "-p11", 11])
+@pytest.mark.parametrize(
+    "beamline", ["", "../p11", "p11/x", "p 11", "p11\n", "-p11", 11, ".p11", "p21..1", ".."]
+)
 def test_bad_beamline(beamtime, beamline):
     doc = copy.deepcopy(beamtime.doc)
     doc["beamline"] = beamline
