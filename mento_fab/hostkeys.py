@@ -15,6 +15,7 @@ recorded key proves it with that one.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import threading
@@ -23,6 +24,7 @@ from enum import StrEnum
 from pathlib import Path
 
 import paramiko
+from paramiko.hostkeys import HostKeyEntry
 
 from mento_fab.errors import HostKeyRefused
 
@@ -57,25 +59,20 @@ class KnownHosts:
     ) -> None:
         self.path = Path(path).expanduser()
         self._lock = threading.Lock()
-        self._tables = [paramiko.HostKeys(), paramiko.HostKeys()]  # user's, system's
-        for table, files in ((self._tables[0], [self.path]), (self._tables[1], system_files)):
-            for file in map(Path, files):
-                if not file.is_file():
-                    continue
-                try:
-                    table.load(str(file))
-                except (OSError, paramiko.SSHException) as exc:
-                    log.warning("%s: could not read known hosts: %s", file, exc)
+        # Entries of the user's file, then the system's: every line counts, even several
+        # keys of one type for one host (paramiko.HostKeys keeps one per type).
+        self._entries: list[HostKeyEntry] = _read(self.path)
+        for file in system_files:
+            self._entries += _read(Path(file))
 
     def lookup(self, names: Iterable[str]) -> dict[str, list[paramiko.PKey]]:
         """Every known key of each key type recorded for any of ``names``."""
+        names = list(names)
         found: dict[str, list[paramiko.PKey]] = {}
         with self._lock:
-            for table in self._tables:
-                for name in names:
-                    entry = table.lookup(name)
-                    for keytype in entry or ():
-                        found.setdefault(keytype, []).append(entry[keytype])
+            for entry in self._entries:
+                if any(_matches(pattern, name) for pattern in entry.hostnames for name in names):
+                    found.setdefault(entry.key.get_name(), []).append(entry.key)
         return found
 
     def add(self, names: list[str], key: paramiko.PKey) -> None:
@@ -90,8 +87,55 @@ class KnownHosts:
                     f"cannot record the host key of {names[0]} in {self.path}: "
                     f"{exc.strerror or exc}"
                 ) from None
-            for name in names:
-                self._tables[0].add(name, key.get_name(), key)
+            self._entries.append(HostKeyEntry(list(names), key))
+
+
+def _read(file: Path) -> list[HostKeyEntry]:
+    """The entries of one known_hosts file, skipping bad lines as OpenSSH does.
+
+    paramiko's ``HostKeys.load`` lets ``InvalidHostKey`` (bad base64) escape and stops
+    there, so one mangled line made every command fail and hid the lines after it
+    (a changed key listed later would have looked unknown, and been recorded).
+    """
+    if not file.is_file():
+        return []
+    try:
+        text = file.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        log.warning("%s: could not read known hosts: %s", file, exc.strerror or exc)
+        return []
+    entries = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("@"):  # @cert-authority, @revoked: not supported, as in paramiko
+            log.debug("%s:%d: skipping a %s line", file, lineno, line.split()[0])
+            continue
+        try:
+            entry = HostKeyEntry.from_line(line, lineno)
+        # A key blob is untrusted input: base64 (InvalidHostKey), then the key's own
+        # parser (SSHException, ValueError, struct errors...): any failure skips the line.
+        except Exception as exc:
+            log.warning(
+                "%s:%d: skipping a bad known_hosts line (%s)", file, lineno, type(exc).__name__
+            )
+            continue
+        if entry is None:
+            if len(line.split()) < 3:
+                log.warning("%s:%d: skipping a bad known_hosts line (too few fields)", file, lineno)
+            else:  # a key type paramiko cannot use (e.g. sk-ssh-ed25519): OpenSSH's business
+                log.debug("%s:%d: skipping a key type paramiko cannot use", file, lineno)
+            continue
+        entries.append(entry)
+    return entries
+
+
+def _matches(pattern: str, name: str) -> bool:
+    """Whether a known_hosts host field names ``name`` (plainly or hashed, ``|1|salt|hash``)."""
+    if pattern.startswith("|1|"):
+        return hmac.compare_digest(paramiko.HostKeys.hash_host(name, pattern), pattern)
+    return pattern == name
 
 
 def _fingerprint(key: paramiko.PKey) -> str:
@@ -148,5 +192,3 @@ class PolicyForNode(paramiko.MissingHostKeyPolicy):
             self.known.path,
         )
         self.known.add(names, key)
-
-

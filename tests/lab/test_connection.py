@@ -148,6 +148,52 @@ def test_the_cli_refuses_a_changed_key_of_another_type(
     assert "Traceback" not in proc.stderr
 
 
+# ------------------------------------------- a bad known_hosts line is skipped, as OpenSSH
+BAD_LINE = "cn01 ssh-ed25519 !!not-base64!!"
+
+
+def test_a_bad_known_hosts_line_is_skipped_with_a_warning(
+    lab: Lab, cli_env: dict[str, str], known_hosts: Path
+) -> None:
+    known_hosts.write_text(f"# nodes\n{BAD_LINE}\n" + known_hosts.read_text())
+    proc = mento("run-on-nodes", "--known-hosts", str(known_hosts), "true", env=cli_env)
+    assert proc.returncode == 0, proc.stderr
+    assert f"{known_hosts}:2: skipping a bad known_hosts line" in proc.stderr
+    assert "internal error" not in proc.stderr
+
+
+def test_a_bad_line_in_the_system_file_is_skipped(
+    lab: Lab, lab_session: Path, known_hosts: Path, tmp_path: Path, caplog
+) -> None:
+    system = tmp_path / "ssh_known_hosts"
+    system.write_text(f"{BAD_LINE}\n")
+    config = tmp_path / "ssh_config"
+    config.write_text(f"Host *\n    GlobalKnownHostsFile {system}\n\n" + lab.ssh_config.read_text())
+    with caplog.at_level(logging.WARNING, logger="mento_fab"):
+        report = run_on_nodes(
+            "true", metadata=lab_session, ssh_config=config, known_hosts=known_hosts
+        )
+    assert len(report.succeeded) == 4, report
+    assert any(f"{system}:1: skipping" in r.getMessage() for r in caplog.records)
+
+
+def test_a_changed_key_after_a_bad_line_is_still_refused(
+    lab: Lab, lab_session: Path, known_hosts: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(other)], check=True)
+    wrong = " ".join(other.with_suffix(".pub").read_text().split()[:2])
+    kept = [line for line in known_hosts.read_text().splitlines() if not line.startswith("cn04")]
+    known_hosts.write_text("\n".join([BAD_LINE, f"cn04 {wrong}", *kept]) + "\n")
+    before = known_hosts.read_text()
+    report = run_on_nodes(
+        "true", metadata=lab_session, ssh_config=lab.ssh_config, known_hosts=known_hosts
+    )
+    assert "host key of cn04 CHANGED" in report["cn04"].error
+    assert len(report.succeeded) == 3
+    assert known_hosts.read_text() == before  # the node's real key was not recorded
+
+
 # --------------------------------------------------- item 4: an unprotected key
 def test_a_key_others_can_read_warns_on_every_command(
     lab: Lab, lab_session: Path, cli_env: dict[str, str], known_hosts: Path, caplog
