@@ -36,6 +36,7 @@ __all__ = [
     "DeployInterrupted",
     "DeployLocked",
     "HostKeyRefused",
+    "JobTimeout",
     "LocalExists",
     "MentoError",
     "MetadataError",
@@ -56,6 +57,7 @@ __all__ = [
     "UnknownJob",
     "UnknownWorker",
     "UnmappablePath",
+    "Unreadable",
     "UnsafeSourceError",
     "WorkerError",
     "WorkerNameError",
@@ -88,9 +90,21 @@ class MetadataError(BadInput):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}", messages)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exceptions pickle as ``cls(*self.args)``, which this __init__ cannot take:
+        # multiprocessing in beamline scripts failed with a TypeError.
+        return (type(self), (self.path, self.problem, self.messages), self.__dict__)
+
 
 class MissingFile(BadInput, FileNotFoundError):
     """A local file the caller named (key, ssh_config, script, source) does not exist."""
+
+
+class Unreadable(BadInput, PermissionError):
+    """A local file or directory the caller named that this user may not read.
+
+    A ``PermissionError`` too, as the original ``mento`` let it escape.
+    """
 
 
 class SeveralMetadataFiles(BadInput, RuntimeError):
@@ -111,9 +125,15 @@ class NoOnlineAnalysis(BadInput):
     """The beamtime has no ``onlineAnalysis`` block: no nodes, account or reservation."""
 
     def __init__(self, beamtime: str, what: str = "compute nodes") -> None:
+        self.beamtime = beamtime
+        self.what = what
         super().__init__(
             f"beamtime {beamtime} has no onlineAnalysis block: no {what} were reserved"
         )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Rebuilt from ``self.args`` (the whole message) the message came back doubled.
+        return (type(self), (self.beamtime, self.what), self.__dict__)
 
 
 class SelectionError(BadInput):
@@ -162,6 +182,10 @@ class SlurmUnavailable(SlurmError):
 
 class NoSubmitNode(SlurmUnavailable):
     """No reserved node could be reached to run Slurm commands on."""
+
+
+class JobTimeout(SlurmError, TimeoutError):
+    """A job was waited for longer than the caller allowed (it may still be running)."""
 
 
 class UnknownJob(SlurmError):
