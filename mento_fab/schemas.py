@@ -1,7 +1,8 @@
 """marshmallow schemas: the only place that validates a metadata file.
 
-Declarative on purpose: every rule of ``metadata-format.md`` is a field, a
-validator or a hook below, and every violation comes back as data (the
+Declarative on purpose: every rule a facility metadata file must meet (README,
+"Library"; docs/compatibility.md lists where they differ from the original
+``mento``) is a field, a validator or a hook below, and every violation comes back as data (the
 marshmallow error dict) before anything can reach a command line. Names that
 end up in ssh or shell commands (nodes, the account, ids) are checked here,
 once, so no later layer has to guess whether they are safe; a control
@@ -129,7 +130,7 @@ class _Schema(Schema):
 
     @pre_load
     def none_string_is_unset(self, data: Any, **kwargs: Any) -> Any:
-        # metadata-format.md: the string "None" means "not set", like null (or absent).
+        # The facility's files write the string "None" for "not set", like null (or absent).
         if isinstance(data, dict):
             return {k: None if v == "None" else v for k, v in data.items()}
         return data
@@ -280,7 +281,7 @@ def _decode(path: Path, raw: bytes) -> Any:
 def control_characters(value: Any, path: tuple[str | int, ...] = ()) -> dict[Any, Any]:
     """Every string in the document (values and keys) holding a control character.
 
-    metadata-format.md's files hold plain text; an escape sequence in any value
+    Metadata files hold plain text; an escape sequence in any value
     (``title``, ``corePath``…) would reach a terminal raw. Returned in the shape of
     marshmallow's error dict, so it merges with the schema's errors.
     """
