@@ -26,7 +26,7 @@ import os
 import shlex
 
 from mento_fab.beamtime import BeamtimeMetadata, OnlineInfo
-from mento_fab.defaults import CONNECT_TIMEOUT
+from mento_fab.defaults import CONNECT_TIMEOUT, SLURM_TIME
 from mento_fab.errors import NoOnlineAnalysis, SelectionError
 from mento_fab.names import HOSTNAME_RE
 
@@ -49,9 +49,6 @@ SSH_OPTIONS = (
     "IdentitiesOnly=yes",
     f"ConnectTimeout={CONNECT_TIMEOUT:g}",
 )
-
-#: The original's job time limit when none is given: one day.
-DEFAULT_JOB_TIME = "1-0"
 
 
 def _online(bt_info: BeamtimeMetadata) -> OnlineInfo:
@@ -98,7 +95,7 @@ def get_sbatch_command(
         "reservation": online.slurm.reservation,
         "job-name": job_name if job_name else f"mento_{bt_info.beamline}_{bt_info.beamtime}",
         "dependency": job_dependency if job_dependency else "",
-        "time": job_maxtime if job_maxtime else DEFAULT_JOB_TIME,
+        "time": job_maxtime if job_maxtime else SLURM_TIME,
         "output": logfile,
         "error": logfile,
     }

@@ -18,7 +18,7 @@ import re
 from pathlib import Path
 
 from mento_fab.beamtime import AsapoInfo, BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
-from mento_fab.defaults import MAX_METADATA_BYTES
+from mento_fab.defaults import MAX_METADATA_BYTES, ROOT_DIR
 from mento_fab.errors import MetadataError, MissingFile, SeveralMetadataFiles
 
 __all__ = [
@@ -42,7 +42,7 @@ CORE_FS_BEAMTIME = re.compile(
 )
 
 
-def get_active_session_root(root_dir: str | os.PathLike[str] = "/gpfs") -> Path:
+def get_active_session_root(root_dir: str | os.PathLike[str] = ROOT_DIR) -> Path:
     """Return the directory of the active session under ``root_dir``.
 
     ``current`` (user beamtime) wins over ``commissioning``; on the cluster, a
@@ -62,7 +62,7 @@ def get_active_session_root(root_dir: str | os.PathLike[str] = "/gpfs") -> Path:
     raise MissingFile(f"No user beamtime or commissioning directory found under {root_dir}")
 
 
-def locate_metadata_file(root_dir: str | os.PathLike[str] = "/gpfs") -> str:
+def locate_metadata_file(root_dir: str | os.PathLike[str] = ROOT_DIR) -> str:
     """Get the path to the metadata JSON file of the active beamtime or commissioning run.
 
     IT writes exactly one ``*metadata*.json`` per session: none is "not found",
@@ -138,6 +138,6 @@ def parse_metadata_file(metadatafile_path: str | os.PathLike[str]) -> BeamtimeMe
     return md
 
 
-def get_beamtime_metadata(root_dir: str | os.PathLike[str] = "/gpfs") -> BeamtimeMetadata:
+def get_beamtime_metadata(root_dir: str | os.PathLike[str] = ROOT_DIR) -> BeamtimeMetadata:
     """Convenience function: locate the active session's metadata file and parse it."""
     return parse_metadata_file(locate_metadata_file(root_dir))

@@ -65,7 +65,7 @@ def ssh_argv(
     *,
     ssh_config: str | os.PathLike[str] | None = None,
     known_hosts: str | os.PathLike[str] | None = None,
-    host_keys: HostKeyPolicy | str = HostKeyPolicy.ACCEPT_NEW,
+    host_keys: HostKeyPolicy | str = defaults.HOST_KEYS,
     connect_timeout: float = defaults.CONNECT_TIMEOUT,
     tty: bool | None = None,
     check_files: bool = True,

@@ -68,7 +68,7 @@ from mento_fab.nodes import nodes_group
 from mento_fab.results import NodeResult
 from mento_fab.runner import execute
 from mento_fab.session import Session
-from mento_fab.slurm import DEFAULT_TIME, Job, Slurm, parse_job_id, sbatch_argv
+from mento_fab.slurm import Job, Slurm, parse_job_id, sbatch_argv
 
 __all__ = ["Trigger", "TriggerError", "TriggerHandle", "TriggerMethod"]
 
@@ -300,7 +300,7 @@ class Trigger:
             if method is TriggerMethod.REMOTE_SBATCH_SCRIPT:
                 argv = sbatch_argv(
                     self.bt_info, argv[0], argv[1:], job_name=job_name,
-                    time=job_time or DEFAULT_TIME, dependency=job_dependency,
+                    time=job_time or defaults.SLURM_TIME, dependency=job_dependency,
                     output=log_file or os.devnull, error=log_file or os.devnull,
                 )  # fmt: skip
             handle = TriggerHandle(method, shlex.join(argv), node, background)

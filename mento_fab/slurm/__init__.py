@@ -17,7 +17,6 @@ Example (a lab started with ``inv lab.up --slurm`` and its exports)::
 
 from __future__ import annotations
 
-from mento_fab import defaults
 from mento_fab.errors import (
     NoSubmitNode,
     ReservationError,
@@ -45,8 +44,6 @@ from mento_fab.slurm.parse import (
 )
 
 __all__ = [
-    "DEFAULT_IMMEDIATE",
-    "DEFAULT_TIME",
     "TERMINAL_STATES",
     "Job",
     "JobInfo",
@@ -75,8 +72,3 @@ __all__ = [
     "srun",
     "status_format",
 ]
-
-#: sbatch's --time when the caller gives none (:data:`mento_fab.defaults.SLURM_TIME`).
-DEFAULT_TIME = defaults.SLURM_TIME
-#: Seconds srun waits for its allocation (:data:`mento_fab.defaults.SRUN_IMMEDIATE`).
-DEFAULT_IMMEDIATE = defaults.SRUN_IMMEDIATE
