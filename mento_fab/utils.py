@@ -42,6 +42,15 @@ RESULTS_ROOT = "processed/onlineanalysis"
 RESULTS_SUFFIX = "_results"
 
 
+class _Default(str):
+    """A default the caller did not give: equal to the original's, but recognisable."""
+
+
+#: ``get_path_mountpoint``'s ``split_at`` left out: the original's ``"current"``, or the
+#: active session's directory when ``remote_dir`` is left out too (a commissioning run).
+_SESSION_DIR = _Default("current")
+
+
 def _from(path: PathLike, directory: str, target: str) -> tuple[str, ...]:
     """The parts of ``path`` from the first ``directory`` on (UnmappablePath without one)."""
     parts = PurePath(path).parts
@@ -66,7 +75,7 @@ def get_path_core(
 
 
 def get_path_mountpoint(
-    local_path: PathLike, remote_dir: PathLike | None = None, split_at: str = "current"
+    local_path: PathLike, remote_dir: PathLike | None = None, split_at: str = _SESSION_DIR
 ) -> str:
     """The path on a reserved node, under the beamline filesystem's mount, of a results file.
 
@@ -74,13 +83,16 @@ def get_path_mountpoint(
     ``local_path`` split at its first ``processed`` directory (``split_at`` names
     the session directory: ``current`` or ``commissioning``). ``remote_dir``
     defaults to the active beamtime's ``blfs_mountpoint``
-    (:class:`~mento_fab.errors.NoOnlineAnalysis` when no nodes were reserved).
+    (:class:`~mento_fab.errors.NoOnlineAnalysis` when no nodes were reserved), and
+    then ``split_at`` defaults to the active session's directory too.
     """
     if remote_dir is None:
         md = _active()
         if md.online is None or md.online.blfs_mountpoint is None:
             raise NoOnlineAnalysis(md.beamtime, "compute nodes (which mount the beamline)")
         remote_dir = md.online.blfs_mountpoint
+        if split_at is _SESSION_DIR:
+            split_at = md.tag  # "current" or "commissioning"
     root = Path(remote_dir, split_at)
     return str(Path(root, *_from(local_path, "processed", str(root))))
 

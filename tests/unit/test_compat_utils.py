@@ -105,6 +105,19 @@ def test_path_remote_dir_omitted_without_reserved_nodes(active) -> None:
     assert mento_fab.utils.get_path_core(DATA).startswith(doc["corePath"])
 
 
+def test_remote_dir_omitted_in_a_commissioning_run_maps_to_commissioning(
+    commissioning, monkeypatch
+) -> None:
+    monkeypatch.delenv("MENTO_METADATA", raising=False)
+    monkeypatch.setenv("MENTO_ROOT_DIR", str(commissioning.root))
+    results = "/gpfs/commissioning/processed/onlineanalysis/x_results.h5"
+    expected = "/beamline/p04/commissioning/processed/onlineanalysis/x_results.h5"
+    assert mento_fab.utils.get_path_mountpoint(results) == expected
+    assert mento_fab.utils.get_path_mountpoint(results, split_at="current").startswith(
+        "/beamline/p04/current/"
+    )  # a value the caller gives is used as it is
+
+
 def test_the_active_session_is_read_on_every_call(active) -> None:
     doc = copy.deepcopy(active.doc)
     assert mento_fab.utils.get_path_core(DATA).startswith(doc["corePath"] + "/")
