@@ -295,7 +295,8 @@ def node_connection(
     conn.connect_kwargs = {"pkey": key, "allow_agent": allow_agent, "look_for_keys": False}
     if extra_keys:
         conn.connect_kwargs["key_filename"] = list(extra_keys)
-    _hold_to_policy(conn, HostKeyPolicy(policy), known, connect_timeout)
+    policy = HostKeyPolicy(policy)
+    _hold_to_policy(conn, policy, known, connect_timeout)
     # ProxyJump hops are Connections fabric builds itself, with AutoAddPolicy and
     # paramiko's own name lookup: same policy, same timeouts, same socket handling.
     hop = conn.gateway

@@ -23,13 +23,22 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import fabric
+import paramiko
 from ClusterShell.NodeSet import NodeSet
 
 from mento_fab import defaults
 from mento_fab.connection import connection_node, load_key, node_connection
-from mento_fab.errors import HostKeyRefused, MissingFile, NoOnlineAnalysis, SelectionError
+from mento_fab.errors import (
+    BadInput,
+    HostKeyRefused,
+    MentoError,
+    MissingFile,
+    NoOnlineAnalysis,
+    SelectionError,
+)
 from mento_fab.hostkeys import SYSTEM_KNOWN_HOSTS, HostKeyPolicy, KnownHosts
 from mento_fab.metadata import BeamtimeMetadata
+from mento_fab.names import printable
 from mento_fab.session import Session
 
 # HostKeyPolicy, HostKeyRefused, KnownHosts, SelectionError and connection_node are
@@ -142,6 +151,20 @@ def select_nodes(
     return list(chosen)
 
 
+def _check_ssh_options(options: paramiko.SSHConfigDict, node: str, where: str) -> None:
+    """Refuse the ssh_config values fabric would choke on (``int("notaport")``), naming the key.
+
+    OpenSSH refuses such a file too; without this, fabric's ``ValueError``/``KeyError``
+    escaped as an internal error.
+    """
+    port = options.get("port")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise BadInput(f"{where}: Port {port!r} (for {node}) is not a port number")
+    forward = options.get("forwardagent")
+    if forward is not None and forward not in ("yes", "no"):
+        raise BadInput(f"{where}: ForwardAgent {forward!r} (for {node}) is not yes or no")
+
+
 def nodes_group(
     metadata: Session | BeamtimeMetadata | str | os.PathLike[str] | None = None,
     *,
@@ -178,8 +201,12 @@ def nodes_group(
     ssh_config = ssh_config or os.environ.get("MENTO_SSH_CONFIG") or None
     if ssh_config is not None and not Path(ssh_config).is_file():
         raise MissingFile(f"ssh_config not found: {ssh_config}")
+    where = str(ssh_config) if ssh_config else "ssh_config (~/.ssh/config, /etc/ssh/ssh_config)"
     # One Config for all nodes: fabric would parse the ssh_config files once per Connection.
-    config = fabric.Config(runtime_ssh_path=str(ssh_config) if ssh_config else None)
+    try:
+        config = fabric.Config(runtime_ssh_path=str(ssh_config) if ssh_config else None)
+    except paramiko.ConfigParseError as exc:  # an unparsable line (quoted in the message)
+        raise BadInput(f"{where}: {printable(str(exc))}") from None
     first = config.base_ssh_config.lookup(selected[0])
     if known_hosts is None:
         # Per-host UserKnownHostsFile is honoured through the first node's lookup.
@@ -188,19 +215,28 @@ def nodes_group(
     system = first.get("globalknownhostsfile")
     known = KnownHosts(known_hosts, system.split() if system else SYSTEM_KNOWN_HOSTS)
 
-    connections = [
-        node_connection(
-            node,
-            user=md.online.ssh.user,
-            key=key,
-            known=known,
-            policy=policy,
-            config=config,
-            connect_timeout=connect_timeout,
-            extra_keys=extra_keys,
-            allow_agent=allow_agent,
-        )
-        for node in selected
-    ]
+    try:
+        for node in selected:
+            _check_ssh_options(config.base_ssh_config.lookup(node), node, where)
+        connections = [
+            node_connection(
+                node,
+                user=md.online.ssh.user,
+                key=key,
+                known=known,
+                policy=policy,
+                config=config,
+                connect_timeout=connect_timeout,
+                extra_keys=extra_keys,
+                allow_agent=allow_agent,
+            )
+            for node in selected
+        ]
+    except MentoError:
+        raise
+    # fabric's own conversions (a ProxyJump hop's port), paramiko's Match/token expansion
+    except (ValueError, KeyError, paramiko.ConfigParseError) as exc:
+        problem = printable(f"{type(exc).__name__}: {exc}")
+        raise BadInput(f"{where}: a setting fabric cannot use ({problem})") from None
     group_class = fabric.SerialGroup if serial else fabric.ThreadingGroup
     return group_class.from_connections(connections)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import pytest
 
 from lab import Lab
 from mento_fab import nodes_group, run_on_nodes
-from mento_fab.errors import SelectionError
+from mento_fab.errors import BadInput, SelectionError
 from mento_fab.nodes import node_count, select_nodes
 
 
@@ -192,6 +193,30 @@ def test_a_changed_key_after_a_bad_line_is_still_refused(
     assert "host key of cn04 CHANGED" in report["cn04"].error
     assert len(report.succeeded) == 3
     assert known_hosts.read_text() == before  # the node's real key was not recorded
+
+
+# --------------------------------------------- ssh_config mistakes are bad input (exit 2)
+@pytest.mark.parametrize(
+    ("setting", "named"),
+    [
+        ("Host cn02\n    Port notaport\n", "Port 'notaport' (for cn02) is not a port number"),
+        ("Host cn02\n    ForwardAgent maybe\n", "ForwardAgent 'maybe' (for cn02) is not yes"),
+        ("Host cn02\n    ProxyJump cn01:notaport\n", "a setting fabric cannot use (ValueError"),
+        ("Host cn02\nthis-line-is-broken\n", "Unparsable line this-line-is-broken"),
+    ],
+)
+def test_an_ssh_config_mistake_is_bad_input_naming_file_and_key(
+    lab: Lab, lab_session: Path, known_hosts: Path, tmp_path: Path, setting: str, named: str
+) -> None:
+    config = tmp_path / "ssh_config"
+    config.write_text(setting + "\n" + lab.ssh_config.read_text())
+    env = {**os.environ, "MENTO_METADATA": str(lab_session), "MENTO_SSH_CONFIG": str(config)}
+    proc = mento("run-on-nodes", "--known-hosts", str(known_hosts), "true", env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{config}: {named}" in proc.stderr
+    assert "internal error" not in proc.stderr
+    with pytest.raises(BadInput, match=re.escape(f"{config}: ")):
+        nodes_group(lab_session, ssh_config=config, known_hosts=known_hosts)
 
 
 # --------------------------------------------------- item 4: an unprotected key
