@@ -15,11 +15,12 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 from pathlib import Path
 
 from mento_fab.beamtime import AsapoInfo, BeamtimeMetadata, OnlineInfo, SlurmInfo, SSHInfo
 from mento_fab.defaults import MAX_METADATA_BYTES, ROOT_DIR
-from mento_fab.errors import MetadataError, MissingFile, SeveralMetadataFiles
+from mento_fab.errors import MetadataError, MissingFile, SeveralMetadataFiles, Unreadable
 
 __all__ = [
     "AsapoInfo",
@@ -49,12 +50,17 @@ def get_active_session_root(root_dir: str | os.PathLike[str] = ROOT_DIR) -> Path
     ``root_dir`` inside a core-filesystem beamtime directory gives that directory.
     """
     top_dir = Path(root_dir)
-    for name in ("current", "commissioning"):
-        candidate = top_dir / name
-        if candidate.is_dir():
-            return candidate
-    if not top_dir.exists():
-        raise MissingFile(f"{top_dir} not found")
+    try:
+        for name in ("current", "commissioning"):
+            candidate = top_dir / name
+            if candidate.is_dir():
+                return candidate
+        if not top_dir.exists():
+            raise MissingFile(f"{top_dir} not found")
+    except PermissionError:
+        raise Unreadable(
+            f"{top_dir}: permission denied (cannot look for a session in it)"
+        ) from None
     for absolute in dict.fromkeys((os.path.abspath(top_dir), str(top_dir.resolve()))):
         match = CORE_FS_BEAMTIME.match(absolute)
         if match:
@@ -69,6 +75,12 @@ def locate_metadata_file(root_dir: str | os.PathLike[str] = ROOT_DIR) -> str:
     several is an error, never a guess.
     """
     session_root = get_active_session_root(root_dir)
+    try:
+        os.listdir(session_root)  # glob says "nothing" for a directory it may not read
+    except PermissionError:
+        raise Unreadable(f"{session_root}: permission denied (cannot list the session)") from None
+    except OSError:
+        pass  # gone or not a directory: glob finds nothing, "not found" below is right
     found = sorted(p for p in session_root.glob("*metadata*.json") if p.is_file())
     if not found:
         raise MissingFile(f"Metadata file not found under {session_root}")
@@ -79,17 +91,35 @@ def locate_metadata_file(root_dir: str | os.PathLike[str] = ROOT_DIR) -> str:
 
 
 def _read(path: Path) -> bytes:
-    """The file's bytes, refusing one larger than ``MAX_METADATA_BYTES`` without reading it."""
+    """The file's bytes, refusing one larger than ``MAX_METADATA_BYTES`` without reading it.
+
+    Opened non-blocking and checked before anything is read: a FIFO (``--metadata
+    <fifo>``) would otherwise wait for a writer forever. A device such as
+    ``/dev/zero`` has no size to check first: the read itself is bounded.
+    """
     try:
-        with path.open("rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size > MAX_METADATA_BYTES:
-                raise MetadataError(path, _too_large(size))
-            raw = handle.read(MAX_METADATA_BYTES + 1)  # a pipe or a growing file: bounded too
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except (FileNotFoundError, NotADirectoryError):
         raise MissingFile(f"Metadata file not found: {path}") from None
-    except IsADirectoryError:
+    except IsADirectoryError:  # a directory opens on Linux; this is for other systems
         raise MetadataError(path, "is a directory, not a metadata file") from None
+    except PermissionError:
+        raise Unreadable(f"{path}: permission denied (cannot read the metadata file)") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise MetadataError(path, "is a directory, not a metadata file")
+        if stat.S_ISFIFO(info.st_mode) or stat.S_ISSOCK(info.st_mode):
+            raise MetadataError(path, "is not a regular file (a FIFO or a socket)")
+        if info.st_size > MAX_METADATA_BYTES:
+            raise MetadataError(path, _too_large(info.st_size))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb", closefd=False) as handle:
+            raw = handle.read(MAX_METADATA_BYTES + 1)  # a growing file: bounded too
+    except PermissionError:  # some file systems check at read time
+        raise Unreadable(f"{path}: permission denied (cannot read the metadata file)") from None
+    finally:
+        os.close(fd)
     if len(raw) > MAX_METADATA_BYTES:
         raise MetadataError(path, _too_large(None))
     return raw

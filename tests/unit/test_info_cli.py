@@ -409,3 +409,57 @@ def test_a_session_directory_with_a_control_character_is_bad_input(session_at, t
     with pytest.raises(MetadataError) as info:
         parse_metadata_file(session.metadata)
     assert "onlineAnalysis.sshPrivateKeyPath: Not a valid file path: the session" in str(info.value)
+
+
+# ------------------------------------------------- unreadable metadata and session directories
+def run_without_root_privileges(*args: str) -> subprocess.CompletedProcess:
+    """``mento-fab ARGS`` as root without the capabilities that override file modes."""
+    if os.geteuid() == 0:
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    else:
+        prefix = []
+    environment = {k: v for k, v in os.environ.items() if k not in ENV_VARS}
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "mento_fab", *args],
+        capture_output=True, text=True, env=environment, timeout=60,
+    )  # fmt: skip
+
+
+def test_an_unreadable_metadata_file_is_bad_input(beamtime):
+    beamtime.metadata.chmod(0)
+    try:
+        proc = run_without_root_privileges("info", "--metadata", str(beamtime.metadata))
+    finally:
+        beamtime.metadata.chmod(0o644)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{beamtime.metadata}: permission denied" in proc.stderr
+    assert "internal error" not in proc.stderr
+
+
+def test_an_unreadable_session_directory_is_not_not_found(beamtime):
+    session = beamtime.metadata.parent
+    session.chmod(0)
+    try:
+        proc = run_without_root_privileges("info", "--root-dir", str(session.parent))
+    finally:
+        session.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr
+    assert f"{session}: permission denied" in proc.stderr
+    assert "not found" not in proc.stderr and "internal error" not in proc.stderr
+
+
+def test_unreadable_keeps_the_original_exception_type(tmp_path):
+    from mento_fab.errors import BadInput, Unreadable
+
+    assert issubclass(Unreadable, PermissionError) and issubclass(Unreadable, BadInput)
+
+
+def test_a_fifo_as_metadata_is_refused_without_waiting(tmp_path):
+    fifo = tmp_path / "metadata.json"
+    os.mkfifo(fifo)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mento_fab", "info", "--metadata", str(fifo)],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert f"{fifo}: is not a regular file" in proc.stderr
