@@ -9,16 +9,20 @@ code is not lost once seen; a job forgotten before anyone looked ends as state
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from mento_fab.errors import JobTimeout, SlurmError
 from mento_fab.slurm.parse import JobInfo, check_job_id
 
 if TYPE_CHECKING:
     from mento_fab.slurm.client import Slurm
 
 __all__ = ["Job"]
+
+log = logging.getLogger("mento_fab.slurm")
 
 
 class Job:
@@ -30,6 +34,7 @@ class Job:
         self.slurm = slurm
         self.name = name
         self.last: JobInfo | None = None
+        self._name_asked = bool(name)
 
     def __repr__(self) -> str:
         state = self.last.state if self.last else "?"
@@ -40,19 +45,22 @@ class Job:
 
         A job is followed by its id alone (:meth:`Slurm.job_status`), so its name,
         free text that may mimic Slurm's fields or hold a newline, cannot matter.
-        Only a handle made from a bare id reads the job's full record once, to
-        learn its name.
+        A handle made from a bare id tries once to learn the name; a name it cannot
+        read (one that mimics scontrol's fields) stays empty instead of failing.
         """
         if self.last is not None and self.last.finished:
             return self.last
-        if self.name:
-            seen = self.slurm.job_status(self.id)
-            if seen is not None:
-                seen.name = self.name
-        else:
-            seen = self.slurm.show_job(self.id)
-            if seen is not None:
-                self.name = seen.name
+        if not self.name and not self._name_asked:
+            self._name_asked = True
+            try:
+                shown = self.slurm.show_job(self.id)
+            except SlurmError as exc:  # best effort: the state below does not need it
+                log.debug("job %s: name not read: %s", self.id, exc)
+            else:
+                self.name = shown.name if shown is not None else ""
+        seen = self.slurm.job_status(self.id)
+        if seen is not None:
+            seen.name = self.name
         if seen is None:
             seen = JobInfo(id=self.id, name=self.name, state="UNKNOWN")
             if self.last is not None:
@@ -77,7 +85,7 @@ class Job:
         max_poll: float = 2.0,
         on_state: Callable[[JobInfo], None] | None = None,
     ) -> JobInfo:
-        """Follow the job to its end; TimeoutError after ``timeout`` seconds.
+        """Follow the job to its end; :class:`JobTimeout` (a ``TimeoutError``) after ``timeout`` s.
 
         Polling starts at ``poll`` and backs off to ``max_poll`` seconds, well
         under any sensible MinJobAge, so the exit code is read before it is lost.
@@ -92,7 +100,7 @@ class Job:
             if info.finished:
                 return info
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"job {self.id} still {info.state} after {timeout:g} s")
+                raise JobTimeout(f"job {self.id} still {info.state} after {timeout:g} s")
             pause = poll if deadline is None else min(poll, max(0.0, deadline - time.monotonic()))
             time.sleep(pause)
             poll = min(max_poll, poll * 1.5)

@@ -326,7 +326,28 @@ def test_hostile_job_names_cannot_turn_a_failure_into_success(slurm, tmp_path) -
         info = job.wait(timeout=WAIT)
         assert (info.state, info.exit_code, info.name) == ("FAILED", 3, name)
     with pytest.raises(SlurmError, match="mimics"):  # no name to tell the forgery apart
-        slurm.job(submitted[2].id).info()
+        slurm.show_job(submitted[2].id)
+
+
+def test_a_handle_from_a_bare_id_follows_a_job_with_a_hostile_name(slurm, tmp_path) -> None:
+    path = script(tmp_path, "sleep 1; exit 3")
+    submitted = slurm.submit(path, output="/dev/null", job_name=HOSTILE_NAMES[2])
+    info = slurm.job(submitted.id).wait(timeout=WAIT)  # the name cannot be read: not needed
+    assert (info.state, info.exit_code) == ("FAILED", 3)
+    plain = slurm.submit(path, output="/dev/null", job_name="plain")
+    assert slurm.job(plain.id).wait(timeout=WAIT).name == "plain"  # read once, best effort
+
+
+def test_waiting_too_long_is_a_job_timeout(slurm, tmp_path) -> None:
+    from mento_fab.errors import JobTimeout
+
+    job = slurm.submit(script(tmp_path, "sleep 30"), output="/dev/null")
+    try:
+        with pytest.raises(JobTimeout, match=f"job {job.id} still") as caught:
+            job.wait(timeout=0.5)
+        assert isinstance(caught.value, TimeoutError) and isinstance(caught.value, SlurmError)
+    finally:
+        job.cancel()
 
 
 def test_cli_submit_wait_with_a_hostile_name_exits_with_the_job_exit_code(
