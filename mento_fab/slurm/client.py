@@ -33,6 +33,8 @@ import fabric
 from mento_fab import defaults
 from mento_fab.connection import connection_node, describe_error, ensure_open
 from mento_fab.errors import (
+    MissingFile,
+    NodeError,
     NoOnlineAnalysis,
     NoSubmitNode,
     ReservationError,
@@ -129,7 +131,13 @@ def complaint(result: NodeResult) -> str:
 
 
 def raise_failure(command: str, result: NodeResult) -> NoReturn:
-    """SlurmUnavailable when slurmctld did not answer, else SlurmError with Slurm's words."""
+    """SlurmUnavailable when slurmctld did not answer, else SlurmError with Slurm's words.
+
+    A result with ``error`` set means the submit node itself failed (lost, unreachable,
+    timed out): :class:`NoSubmitNode` (exit 255, as ssh), not a Slurm refusal.
+    """
+    if result.error is not None:
+        raise NoSubmitNode(f"{command} not completed: submit node {complaint(result)}")
     if result.error is None:
         said = [ln.strip() for ln in f"{result.stderr}\n{result.stdout}".splitlines()]
         down = [ln for ln in said if controller_unreachable(ln)]
@@ -138,6 +146,19 @@ def raise_failure(command: str, result: NodeResult) -> NoReturn:
                 f"Slurm controller cannot be reached from {result.node}: {down[-1]}"
             )
     raise SlurmError(f"{command} failed: {complaint(result)}")
+
+
+def _looks_local(text: str) -> bool:
+    """Whether a script path that is not a local file was meant as one (a typo).
+
+    ``./job.sh``, ``~/job.sh``, or ``scripts/job.sh`` where ``scripts`` exists here:
+    sending those to sbatch on the node would only fail there with a vaguer message.
+    Absolute paths and plain names may well name a script on the submit node.
+    """
+    if text.startswith(("./", "../", "~")):  # as typed: Path("./x") drops the "./"
+        return True
+    path = Path(text)
+    return not path.is_absolute() and len(path.parts) > 1 and Path(path.parts[0]).is_dir()
 
 
 def pick_submit_node(
@@ -276,19 +297,26 @@ class Slurm:
         data = path.read_bytes()
         digest = hashlib.sha256(data).hexdigest()[:12]
         sftp = self.connect().sftp()
-        home = sftp.normalize(".")
-        remote_dir = f"{home}/{UPLOAD_DIR}"
-        current = home
-        for part in UPLOAD_DIR.split("/"):
-            current = f"{current}/{part}"
-            try:
-                sftp.stat(current)
-            except FileNotFoundError:
-                sftp.mkdir(current, mode=0o700)
-        remote = f"{remote_dir}/{digest}-{path.name}"
-        with sftp.open(remote, "wb") as handle:
-            handle.write(data)
-        sftp.chmod(remote, 0o700)
+        current = remote = UPLOAD_DIR
+        try:  # SFTP reports failures as bare OSErrors, without the node's name
+            home = sftp.normalize(".")
+            remote_dir = f"{home}/{UPLOAD_DIR}"
+            current = home
+            for part in UPLOAD_DIR.split("/"):
+                current = f"{current}/{part}"
+                try:
+                    sftp.stat(current)
+                except FileNotFoundError:
+                    sftp.mkdir(current, mode=0o700)
+            current = remote = f"{remote_dir}/{digest}-{path.name}"
+            with sftp.open(remote, "wb") as handle:
+                handle.write(data)
+            sftp.chmod(remote, 0o700)
+        except OSError as exc:
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise NodeError(
+                f"{self.node}: cannot upload {path.name} to {current}: {reason}"
+            ) from None
         log.info("uploaded %s to %s:%s", path, self.node, remote)
         return remote
 
@@ -316,6 +344,11 @@ class Slurm:
         local = Path(script)
         if upload is None:
             upload = local.is_file()
+            if not upload and _looks_local(os.fspath(script)):
+                raise MissingFile(
+                    f"{script}: no such local file (a script already on the submit node "
+                    "is named by its absolute path, or by a plain name in the home directory)"
+                )
         remote = self.upload(local) if upload else str(script)
         argv = sbatch_argv(
             self.md, remote, args, job_name=job_name, time=time, dependency=dependency,

@@ -724,3 +724,43 @@ def test_cli_submit_wait_follows_a_job_whose_name_has_a_newline(
     job = slurm.submit(path, output="/dev/null", job_name=name)
     assert slurm.job(job.id).info().name == name  # a handle from the id alone reads it whole
     assert job.wait(timeout=WAIT).exit_code == 4
+
+
+# ------------------------------------------------ the submit node failing is not Slurm failing
+def test_a_lost_submit_node_is_no_submit_node_not_a_slurm_error(slurm_lab, slurm_session):
+    from mento_fab.errors import NoSubmitNode
+
+    with Slurm.open(slurm_session, ssh_config=slurm_lab.ssh_config, connect_timeout=3) as client:
+        node = client.node
+        slurm_lab.stop_sshd(node)
+        try:
+            client.conn.close()  # the next command must re-open: the node is gone
+            with pytest.raises(NoSubmitNode, match=f"squeue not completed: submit node {node}: "):
+                client.jobs()
+        finally:
+            slurm_lab.start_sshd(node)
+
+
+def test_an_upload_the_node_refuses_names_the_node_and_the_path(slurm, slurm_lab, tmp_path):
+    from mento_fab.errors import NodeError
+
+    slurm_lab.ssh(slurm.node, "mkdir -p ~/.mento_fab/jobs && chmod 500 ~/.mento_fab/jobs")
+    try:
+        with pytest.raises(NodeError) as caught:
+            slurm.submit(script(tmp_path, "true", name="refused.sh"), output="/dev/null")
+    finally:
+        slurm_lab.ssh(slurm.node, "chmod 700 ~/.mento_fab/jobs")
+    text = str(caught.value)
+    assert text.startswith(f"{slurm.node}: cannot upload refused.sh to ")
+    assert "/.mento_fab/jobs/" in text and "ermission denied" in text
+    assert not isinstance(caught.value, FileNotFoundError | PermissionError)
+
+
+@pytest.mark.parametrize("typo", ["./no-such-job.sh", "~/no-such-job.sh", "tests/no-such-job.sh"])
+def test_a_mistyped_local_script_is_said_so(slurm, typo, monkeypatch):
+    from mento_fab.errors import MissingFile
+
+    monkeypatch.chdir(Path(__file__).parent.parent)  # where tests/ exists
+    with pytest.raises(MissingFile, match="no such local file"):
+        slurm.submit(typo, output="/dev/null")
+    assert slurm.jobs() == []  # nothing reached sbatch
