@@ -216,6 +216,10 @@ class DeployInterrupted(DeployError, KeyboardInterrupt):
         self.report = report
         self.signum = signum
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # As MetadataError: rebuilt from its own arguments, not from ``self.args``.
+        return (type(self), (str(self), self.report, self.signum), self.__dict__)
+
 
 class TriggerError(MentoError, RuntimeError):
     """A trigger could not be sent (the handle carries the per-call error)."""

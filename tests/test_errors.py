@@ -15,6 +15,7 @@ CLASSES = [getattr(errors, name) for name in errors.__all__]
 ARGS = {
     errors.MetadataError: ("/gpfs/current/beamtime-metadata.json", "corePath: missing"),
     errors.NoOnlineAnalysis: ("11019999", "Slurm accounts"),
+    errors.DeployInterrupted: ("deploy interrupted by SIGTERM", None, 15),
 }
 
 
