@@ -6,7 +6,7 @@ Declarative on purpose: every rule a facility metadata file must meet (README,
 marshmallow error dict) before anything can reach a command line. Names that
 end up in ssh or shell commands (nodes, the account, ids) are checked here,
 once, so no later layer has to guess whether they are safe; a control
-character anywhere in the document is refused here too. The validated plain
+character in a value the objects hold is refused here too. The validated plain
 data becomes objects through :func:`mento_fab.beamtime.from_dict`, the same
 constructor the metadata cache uses.
 """
@@ -278,13 +278,8 @@ def _decode(path: Path, raw: bytes) -> Any:
         raise MetadataError(path, f"invalid JSON: {type(exc).__name__}") from None
 
 
-def control_characters(value: Any, path: tuple[str | int, ...] = ()) -> dict[Any, Any]:
-    """Every string in the document (values and keys) holding a control character.
-
-    Metadata files hold plain text; an escape sequence in any value
-    (``title``, ``corePath``…) would reach a terminal raw. Returned in the shape of
-    marshmallow's error dict, so it merges with the schema's errors.
-    """
+def _any_control(value: Any, path: tuple[str | int, ...]) -> dict[Any, Any]:
+    """Every string in a held value (and its keys) holding a control character."""
     if isinstance(value, str):
         return {path: ["Control character in a text value."]} if CONTROL_RE.search(value) else {}
     found: dict[Any, Any] = {}
@@ -293,10 +288,39 @@ def control_characters(value: Any, path: tuple[str | int, ...] = ()) -> dict[Any
             if CONTROL_RE.search(key):
                 found[(*path, "_schema")] = [f"Control character in a key: {_shown(key)}."]
             else:
-                found.update(control_characters(item, (*path, key)))
+                found.update(_any_control(item, (*path, key)))
     elif isinstance(value, list):
         for index, item in enumerate(value):
-            found.update(control_characters(item, (*path, index)))
+            found.update(_any_control(item, (*path, index)))
+    return found
+
+
+def control_characters(
+    value: Any, path: tuple[str | int, ...] = (), schema: Schema | None = None
+) -> dict[Any, Any]:
+    """Control characters in the values the objects hold, and in the keys beside them.
+
+    An escape in a held value (``corePath``, ``asapo.endpoint``…) would reach a
+    terminal, a log or a command line raw: refused. Free text the objects never
+    hold (``title``, a multi-line ``beamlineSetup``) is ignored, as the original
+    ignores it: refusing it blocked whole beamtimes. Returned in the shape of
+    marshmallow's error dict, so it merges with the schema's errors.
+    """
+    schema = schema or BeamtimeMetadataSchema()
+    if not isinstance(value, dict):
+        return {}
+    held = {field.data_key or name: field for name, field in schema.fields.items()}
+    held.update({old: held[new] for old, new in LEGACY_KEYS.items() if new in held})
+    found: dict[Any, Any] = {}
+    for key, item in value.items():
+        if CONTROL_RE.search(key):
+            found[(*path, "_schema")] = [f"Control character in a key: {_shown(key)}."]
+        elif key not in held:
+            continue  # never held, never shown
+        elif isinstance(held[key], fields.Nested):
+            found.update(control_characters(item, (*path, key), held[key].schema))
+        else:
+            found.update(_any_control(item, (*path, key)))
     return found
 
 

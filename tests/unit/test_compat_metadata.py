@@ -479,7 +479,12 @@ BAD_VALUES = {
     "md-beamtime-id-bool": ("beamtimeId", True),
     "md-core-path-null": ("corePath", None),
     "md-beamline-a-number": ("beamline", 11),
-    "md-control-character": ("title", "Example\x1b[2J"),
+    "md-control-character": ("corePath", "/asap3/x\x1b[2J"),
+    "md-core-path-none-string": ("corePath", "None"),
+    "md-core-path-empty": ("corePath", ""),
+    "md-endpoint-none-string": ("asapo.endpoint", "None"),
+    "md-endpoint-empty": ("asapo.endpoint", ""),
+    "md-partition-none-string": ("onlineAnalysis.slurmPartition", "None"),
 }
 for _id, (_path, _value) in BAD_VALUES.items():
     case(
@@ -487,6 +492,15 @@ for _id, (_path, _value) in BAD_VALUES.items():
         parse_metadata_file=refuses(MetadataError),
         get_beamtime_metadata=refuses(MetadataError),
     )(lambda m, p=_path, v=_value: m.session("current", _set(p, v)))
+
+
+@case("file-control-characters-in-free-text")
+def _(m: Maker):
+    def mutate(doc: dict) -> None:
+        doc["title"] = "Example\x1b[2J"
+        doc["beamlineSetup"] = "line one\nline two\ttabbed"
+
+    return m.session("current", mutate)
 
 
 @case(

@@ -387,13 +387,27 @@ def test_command_line_mistakes_are_bad_input(argv: list[str]) -> None:
 def test_a_control_character_in_a_value_is_bad_input(beamtime, capsys):
     """Issue 8: a forged line or a cleared screen in the metadata never reaches the terminal."""
     doc = copy.deepcopy(beamtime.doc)
-    doc["title"] = "x\x1b[2J\x1b[H"
+    doc["corePath"] = "/asap3/x\x1b[2J\x1b[H"
     doc["asapo"]["endpoint"] = "host:8400\nReservation  forged"
     beamtime.rewrite(doc)
     code, out, err = run_cli(capsys, "info", "--root-dir", str(beamtime.root))
     assert (code, out) == (2, "")
-    assert "title: Control character" in err and "asapo.endpoint: Control character" in err
+    assert "corePath: Control character" in err and "asapo.endpoint: Control character" in err
     assert "\x1b" not in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("json_output", [False, True])
+def test_info_shows_nothing_raw_from_free_text(beamtime, capsys, json_output):
+    """A multi-line beamlineSetup or an escape in the title loads; info never shows it raw."""
+    doc = copy.deepcopy(beamtime.doc)
+    doc["title"] = "x\x1b[2J\x1b[H"
+    doc["beamlineSetup"] = "line one\nline two\tTAB"
+    beamtime.rewrite(doc)
+    code, out, err = run_cli(
+        capsys, "info", "--root-dir", str(beamtime.root), *(["--json"] if json_output else [])
+    )
+    assert code == 0, err
+    assert "\x1b" not in out + err and "line two" not in out
 
 
 def test_info_escapes_control_characters_in_the_file_path(session_at, tmp_path, capsys):

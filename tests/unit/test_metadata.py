@@ -828,20 +828,7 @@ def test_secrets_never_appear(beamtime, secrets, caplog, capsys):
 # ---------------------------------------------------------------------------- hostile text
 
 
-@pytest.mark.parametrize(
-    ("key_path", "value"),
-    [
-        ("title", "Example\x1b[2J\x1b[H"),  # clears the screen
-        ("corePath", "/asap3/x\x1b]0;pwned\x07"),  # sets the window title
-        ("asapo.endpoint", "host:8400\r\nBeamtime  forged"),  # forges a line
-        ("users.doorDb[0]", "jdoe\x9b31m"),  # C1 CSI
-        ("leader.email", "a\x00b"),
-        ("beamlineSetup", "line one\nline two"),
-    ],
-)
-def test_control_characters_in_any_value_are_bad_input(beamtime, key_path, value, capsys):
-    """Issue 8: escapes in any string value are refused at load time, naming the key."""
-    doc = copy.deepcopy(beamtime.doc)
+def _set_path(doc: dict, key_path: str, value: object) -> None:
     target, parts = doc, re.findall(r"[^.\[\]]+", key_path)
     for part in parts[:-1]:
         target = target[int(part)] if part.isdigit() else target[part]
@@ -850,6 +837,21 @@ def test_control_characters_in_any_value_are_bad_input(beamtime, key_path, value
         target[int(last)] = value
     else:
         target[last] = value
+
+
+@pytest.mark.parametrize(
+    ("key_path", "value"),
+    [
+        ("corePath", "/asap3/x\x1b]0;pwned\x07"),  # sets the window title
+        ("asapo.endpoint", "host:8400\r\nBeamtime  forged"),  # forges a line
+        ("onlineAnalysis.slurmPartition", "all\x9b31m"),  # C1 CSI
+        ("onlineAnalysis.reservedNodes[0]", "a\x00b"),
+    ],
+)
+def test_control_characters_in_held_values_are_bad_input(beamtime, key_path, value, capsys):
+    """Issue 8: escapes in a value the objects hold are refused at load time, naming the key."""
+    doc = copy.deepcopy(beamtime.doc)
+    _set_path(doc, key_path, value)
     error = _metadata_error(beamtime, doc)
     text = str(error)
     assert f"{key_path}: Control character" in text
@@ -857,21 +859,41 @@ def test_control_characters_in_any_value_are_bad_input(beamtime, key_path, value
     assert capsys.readouterr() == ("", "")
 
 
+@pytest.mark.parametrize(
+    ("key_path", "value"),
+    [
+        ("title", "Example\x1b[2J\x1b[H"),  # clears the screen
+        ("users.doorDb[0]", "jdoe\x9b31m"),  # C1 CSI
+        ("leader.email", "a\x00b"),
+        ("beamlineSetup", "line one\nline two\ttabbed"),  # multi-line setup text
+        ("applicant", {"e\x1b[2Jmail": "x"}),  # a key in free text
+    ],
+)
+def test_control_characters_in_free_text_never_held_are_ignored(beamtime, key_path, value):
+    """Free text the objects never hold (nor show) loads, as in the original."""
+    doc = copy.deepcopy(beamtime.doc)
+    _set_path(doc, key_path, value)
+    beamtime.rewrite(doc)
+    md = parse_metadata_file(beamtime.metadata)
+    for text in (repr(md), str(md), json.dumps(dataclasses.asdict(md))):
+        assert not re.search(r"[\x00-\x1f\x7f-\x9f]", text)
+
+
 def test_a_control_character_in_a_key_is_named_escaped(beamtime):
     doc = copy.deepcopy(beamtime.doc)
-    doc["applicant"]["e\x1b[2Jmail"] = "x"
+    doc["onlineAnalysis"]["e\x1b[2Jmail"] = "x"
     error = _metadata_error(beamtime, doc)
-    assert "applicant: Control character in a key: 'e\\x1b[2Jmail'" in str(error)
+    assert "onlineAnalysis: Control character in a key: 'e\\x1b[2Jmail'" in str(error)
     assert "\x1b" not in str(error)
 
 
 def test_several_problems_with_a_control_character_are_reported_together(beamtime):
     doc = copy.deepcopy(beamtime.doc)
-    doc["title"] = "\x1b[2J"
+    doc["asapo"]["endpoint"] = "\x1b[2J"
     del doc["corePath"]
     doc["onlineAnalysis"]["reservedNodes"] = ["ok", "bad\x1bnode"]
     error = _metadata_error(beamtime, doc)
-    assert set(error.messages) >= {"title", "corePath", "onlineAnalysis"}
+    assert set(error.messages) >= {"asapo", "corePath", "onlineAnalysis"}
     assert len(error.messages["onlineAnalysis"]["reservedNodes"][1]) == 2
 
 
