@@ -756,11 +756,12 @@ def test_an_upload_the_node_refuses_names_the_node_and_the_path(slurm, slurm_lab
     assert not isinstance(caught.value, FileNotFoundError | PermissionError)
 
 
-@pytest.mark.parametrize("typo", ["./no-such-job.sh", "~/no-such-job.sh", "tests/no-such-job.sh"])
-def test_a_mistyped_local_script_is_said_so(slurm, typo, monkeypatch):
+@pytest.mark.parametrize("typo", ["./no-such-job.sh", "~/no-such-job.sh", "scripts/no-such-job.sh"])
+def test_a_mistyped_local_script_is_said_so(slurm, typo, monkeypatch, tmp_path):
     from mento_fab.errors import MissingFile
 
-    monkeypatch.chdir(Path(__file__).parent.parent)  # where tests/ exists
+    (tmp_path / "scripts").mkdir()  # a local directory: scripts/... was meant here
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(MissingFile, match="no such local file"):
         slurm.submit(typo, output="/dev/null")
     assert slurm.jobs() == []  # nothing reached sbatch
