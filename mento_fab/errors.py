@@ -35,6 +35,7 @@ __all__ = [
     "DeployError",
     "DeployInterrupted",
     "DeployLocked",
+    "EndedEarly",
     "HostKeyRefused",
     "JobTimeout",
     "LocalExists",
@@ -51,6 +52,7 @@ __all__ = [
     "SeveralMetadataFiles",
     "SlurmError",
     "SlurmUnavailable",
+    "StepFailed",
     "TriggerError",
     "TriggerTimeout",
     "TriggerUnavailable",
@@ -58,6 +60,7 @@ __all__ = [
     "UnknownWorker",
     "UnmappablePath",
     "Unreadable",
+    "UnsafeArchive",
     "UnsafeSourceError",
     "WorkerError",
     "WorkerNameError",
@@ -252,3 +255,22 @@ class UnknownWorker(BadInput):
 
 class WorkerError(MentoError, RuntimeError):
     """A worker operation that could not be carried out (e.g. its Slurm job failed to start)."""
+
+
+class StepFailed(NodeError):
+    """A deploy step's command failed on a node; carries the step's ``Failure``."""
+
+    def __init__(self, failure: Any) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.failure,), self.__dict__)
+
+
+class EndedEarly(NodeError):
+    """The remote side stopped reading before the stream ended."""
+
+
+class UnsafeArchive(MentoError, RuntimeError):
+    """A stream from a node holds a member that must not be written (outside, special)."""

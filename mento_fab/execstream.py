@@ -16,7 +16,7 @@ import time
 import fabric
 
 from mento_fab.connection import ensure_open
-from mento_fab.errors import NodeError
+from mento_fab.errors import EndedEarly, NodeError
 
 __all__ = ["COMMAND_TIMEOUT", "EndedEarly", "ExecStream", "run_bytes"]
 
@@ -99,10 +99,6 @@ class ExecStream:
     @property
     def stderr_text(self) -> str:
         return self.stderr.decode("utf-8", "replace")
-
-
-class EndedEarly(Exception):
-    """The remote side stopped reading before the stream ended."""
 
 
 def run_bytes(conn: fabric.Connection, command: str) -> tuple[int, bytes, str]:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from mento_fab.errors import BadPath, LocalExists, MentoError
+from mento_fab.errors import BadPath, LocalExists, UnsafeArchive
 
 __all__ = ["CHUNK", "Entry", "ExtractStats", "UnsafeArchive", "extract", "scan", "write_tar"]
 
@@ -50,10 +50,6 @@ _BLOCK = 512
 
 Send = Callable[[bytes | memoryview], object]
 Progress = Callable[[int], object]
-
-
-class UnsafeArchive(MentoError, RuntimeError):
-    """A stream from a node holds a member that must not be written (outside, special)."""
 
 
 @dataclass(frozen=True)

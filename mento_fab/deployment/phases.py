@@ -25,7 +25,7 @@ from mento_fab.connection import connection_node, describe_error, ensure_open, o
 from mento_fab.deployment import remote as sh
 from mento_fab.deployment.report import Failure
 from mento_fab.deployment.scan import Release
-from mento_fab.errors import NodeError
+from mento_fab.errors import StepFailed
 from mento_fab.results import NodeResult
 from mento_fab.runner import execute, map_nodes
 
@@ -78,14 +78,6 @@ NO_SPACE = "No space left on device"
 
 
 # ------------------------------------------------------------------- results
-
-
-class StepFailed(NodeError):
-    """A step's command failed on a node; carries the :class:`Failure`."""
-
-    def __init__(self, failure: Failure) -> None:
-        super().__init__(failure.reason)
-        self.failure = failure
 
 
 def failure_of(value: BaseException) -> Failure:

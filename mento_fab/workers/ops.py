@@ -317,7 +317,7 @@ def stop(
     report = WorkersReport("stop", RunReport(f"stop {name or '--all'}", results), rows, name)
     jobs = sorted({r.job for r in rows if r.kind == "slurm" and r.job})
     if jobs and metadata is not None:
-        from mento_fab.workers.slurm import cancel_jobs
+        from mento_fab.workers.jobs import cancel_jobs
 
         report.notes += cancel_jobs(conns, metadata, jobs)
     report.run.seconds = time.monotonic() - start_time

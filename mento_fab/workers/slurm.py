@@ -37,7 +37,7 @@ from mento_fab.workers.ops import refuse_running, stop
 from mento_fab.workers.report import WorkersReport
 from mento_fab.workers.spec import WorkerRow, WorkerSpec, parse_listing
 
-__all__ = ["batch_script", "cancel_jobs", "start_via_slurm"]
+__all__ = ["batch_script", "start_via_slurm"]
 
 #: Seconds ``start --via slurm`` waits for every task to report its worker running.
 START_WAIT = 60.0
@@ -190,28 +190,3 @@ def _job_state(slurm: Slurm, job: str) -> str:
     return f"slurm job {job}: not in the queue"
 
 
-def cancel_jobs(
-    conns: Iterable[fabric.Connection], metadata: BeamtimeMetadata, jobs: list[str]
-) -> list[str]:
-    """``scancel`` the worker jobs still in the queue once their tasks were stopped.
-
-    The tasks end when their supervisors stop, so the job usually ends by itself;
-    waits a few seconds for that first. Returns notes for the report.
-    """
-    conn = next((c for c in conns if c.is_connected), None)
-    if conn is None:
-        return [f"slurm jobs {', '.join(jobs)} not checked: no node reachable"]
-    slurm = Slurm(conn, metadata)
-    deadline = time.monotonic() + 5.0
-    try:
-        while True:
-            queued = sorted({j.id for j in slurm.jobs()} & set(jobs))
-            if not queued:
-                return [f"slurm job {', '.join(jobs)} ended"]
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.25)
-        slurm.cancel(queued)
-    except SlurmError as exc:
-        return [f"slurm job {', '.join(jobs)}: {exc}"]
-    return [f"slurm job {', '.join(queued)} cancelled"]

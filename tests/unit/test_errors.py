@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import pickle
+import types
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -16,6 +17,7 @@ ARGS = {
     errors.MetadataError: ("/gpfs/current/beamtime-metadata.json", "corePath: missing"),
     errors.NoOnlineAnalysis: ("11019999", "Slurm accounts"),
     errors.DeployInterrupted: ("deploy interrupted by SIGTERM", None, 15),
+    errors.StepFailed: (types.SimpleNamespace(reason="stage failed: no space left"),),
 }
 
 
