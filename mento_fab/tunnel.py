@@ -21,6 +21,7 @@ In a notebook::
 from __future__ import annotations
 
 import contextlib
+import errno
 import html
 import logging
 import os
@@ -117,9 +118,13 @@ class Tunnel:
             listener.listen(128)
         except OSError as exc:
             listener.close()
-            raise PortInUse(
-                f"local port {self.local_port} is in use ({exc.strerror}): pick another "
-                "with --local-port, or leave it out for a free one"
+            if exc.errno == errno.EADDRINUSE:
+                raise PortInUse(
+                    f"local port {self.local_port} is in use: pick another with "
+                    "--local-port, or leave it out for a free one"
+                ) from None
+            raise BadPort(
+                f"cannot listen on {LOCAL_HOST}:{self.local_port}: {exc.strerror}"
             ) from None
         try:
             self._transport = ensure_open(self.conn)
@@ -167,9 +172,7 @@ class Tunnel:
 
     def __repr__(self) -> str:
         state = "open" if self.active else f"closed{f': {self.error}' if self.error else ''}"
-        return (
-            f"<Tunnel {self.url} -> {self.node}:{self.remote_host}:{self.remote_port} ({state})>"
-        )
+        return f"<Tunnel {self.url} -> {self.node}:{self.remote_host}:{self.remote_port} ({state})>"
 
     def _repr_html_(self) -> str:
         target = html.escape(f"{self.node}:{self.remote_host}:{self.remote_port}")

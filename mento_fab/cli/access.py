@@ -13,6 +13,8 @@ import shlex
 import shutil
 import signal
 import sys
+import threading
+from collections.abc import Callable
 from typing import Any
 
 from invoke import Context, Exit
@@ -172,13 +174,39 @@ class _Bar:
             self.bar.__exit__(None, None, None)
 
 
+def _interruptible(work: Callable[[], Any], group: Any) -> Any:
+    """Run ``work`` in a thread; on Ctrl-C close every connection so the node threads end
+    at once (their half-received files are removed) instead of finishing their transfers."""
+    box: list[Any] = []
+
+    def run() -> None:
+        try:
+            box.append(work())
+        except BaseException as exc:  # handed to the caller
+            box.append(exc)
+
+    worker = threading.Thread(target=run, name="mento-transfer", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        for conn in group:
+            conn.close()
+        worker.join(10)
+        raise
+    if isinstance(box[0], BaseException):
+        raise box[0]
+    return box[0]
+
+
 def _transfer(opts: Options, description: str, call: Any) -> None:
     """Run a transfer with a progress bar; one line per node, the summary, the exit rule."""
     session = opts.session()
     bar = _Bar(description, enabled=not opts.json and console.is_tty())
     try:
         with opts.group(session) as grp:
-            report = call(grp, session, bar)
+            report = _interruptible(lambda: call(grp, session, bar), grp)
     finally:
         bar.close()
     if opts.json:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -349,3 +350,31 @@ def test_cli_put_and_get(lab: Lab, env: dict[str, str], where: str, tmp_path: Pa
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1
     proc = mento("get", f"{where}/none", str(out), env=env)
     assert proc.returncode == 2 and "no such file" in proc.stderr
+
+
+def test_ctrl_c_ends_a_transfer_at_once_and_cleans_up(
+    lab: Lab, env: dict[str, str], where: str, tmp_path: Path
+) -> None:
+    for node in NODES:
+        assert lab.ssh(node, f"head -c 200000000 /dev/zero > {where}/big.bin").returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mento_fab", "get", f"{where}/big.bin", str(out)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not list(out.rglob("*.mento-part-*")):  # data is flowing
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130 and "interrupted" in err
+    assert not list(out.rglob("*.mento-part-*"))  # no half file left, under any name
+    done = list(out.rglob("big.bin"))  # complete files only, never a half one
+    assert {p.stat().st_size for p in done} <= {200_000_000}
+    assert len(done) < len(NODES)  # the transfers stopped, they did not run to their end
