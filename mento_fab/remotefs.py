@@ -160,9 +160,12 @@ def parse_probe(text: str, dest: str, local_name: str) -> PutTarget | None:
     )  # fmt: skip
 
 
-def nonce_command(into: str, run: str) -> str:
-    """List this run's nonce files in ``into``: nodes that see each other's share a directory."""
+def nonce_command(into: str, run: str, *, remove: bool = False) -> str:
+    """List this run's nonce files in ``into`` (nodes that see each other's share a
+    directory), or remove them."""
     pattern = shlex.quote(f"{PROBE_PREFIX}{run}-") + "*"
+    if remove:
+        return f"cd -- {shlex.quote(into)} && rm -f -- {pattern}"
     return f'cd -- {shlex.quote(into)} && for f in {pattern}; do [ -e "$f" ] && echo "$f"; done'
 
 

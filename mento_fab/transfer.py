@@ -227,6 +227,7 @@ def put(
     nonces = {connection_node(c): f"{PROBE_PREFIX}{run}-{i}" for i, c in enumerate(conns)}
     results: dict[str, NodeResult] = {}
     targets: dict[str, PutTarget] = {}
+    refused: dict[str, PutTarget] = {}
 
     def probe(conn: fabric.Connection) -> NodeResult:
         node = connection_node(conn)
@@ -248,6 +249,7 @@ def put(
             kind = "a directory" if target.there == "dir" else "not a directory"
             where = f"{target.physical.rstrip('/')}/{target.name}"
             results[node] = NodeResult(node, exit=1, message=f"{where} exists and is {kind}")
+            refused[node] = target  # its nonce file is removed at the end
         else:
             targets[node] = target
     if missing == len(conns):
@@ -289,6 +291,13 @@ def put(
             for conn in by_first[node]:
                 member = connection_node(conn)
                 results.setdefault(member, _failure(member, value, start))
+    if refused:  # nodes left out after the probe: their nonce files go
+
+        def tidy(conn: fabric.Connection) -> None:
+            into = refused[connection_node(conn)].into
+            execute(conn, nonce_command(into, run, remove=True), timeout=COMMAND_TIMEOUT)
+
+        map_nodes([c for c in conns if connection_node(c) in refused], tidy, fanout=fanout)
     if skipped:
         for result in results.values():
             if result.ok:

@@ -378,3 +378,17 @@ def test_ctrl_c_ends_a_transfer_at_once_and_cleans_up(
     done = list(out.rglob("big.bin"))  # complete files only, never a half one
     assert {p.stat().st_size for p in done} <= {200_000_000}
     assert len(done) < len(NODES)  # the transfers stopped, they did not run to their end
+
+
+def test_put_onto_a_directory_of_the_same_name_fails_on_that_node_only(
+    lab: Lab, group, where: str, tmp_path: Path
+) -> None:
+    src = tmp_path / "f.txt"
+    src.write_text("x\n")
+    assert lab.ssh("cn02", f"mkdir {where}/f.txt").returncode == 0
+    report = put(group, src, f"{where}/")
+    assert report["cn02"].exit == 1 and "exists and is a directory" in report["cn02"].message
+    assert [report[n].ok for n in ("cn01", "cn03", "cn04")] == [True] * 3
+    assert report.exit_status == 1
+    for node in NODES:  # no nonce or stage file left anywhere
+        assert lab.ssh(node, f"ls -A {where}").stdout == "f.txt\n"
