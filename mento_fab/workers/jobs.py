@@ -33,13 +33,13 @@ def cancel_jobs(
     deadline = time.monotonic() + 5.0
     try:
         while True:
-            queued = sorted({j.id for j in slurm.jobs()} & set(jobs))
+            queued = {j.id: j.state for j in slurm.jobs() if j.id in jobs}
             if not queued:
                 return [f"slurm job {', '.join(jobs)} ended"]
-            if time.monotonic() > deadline:
-                break
+            if "PENDING" in queued.values() or time.monotonic() > deadline:
+                break  # a pending job has no task that could end it
             time.sleep(0.25)
-        slurm.cancel(queued)
+        slurm.cancel(sorted(queued))
     except SlurmError as exc:
         return [f"slurm job {', '.join(jobs)}: {exc}"]
     return [f"slurm job {', '.join(queued)} cancelled"]

@@ -247,6 +247,8 @@ def stop_instances(instances, grace):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(pids["sup"]), signal.SIGTERM)
             waiting.append((d, pids, True))
+        elif state.get("state") == "pending":  # the client cancels the Slurm job
+            mark_stopped(d, "stopped before its Slurm job started")
         elif state.get("active"):  # lost: no supervisor, but its worker may still run
             row["was"] = "lost"
             if ours(pids):
@@ -296,12 +298,59 @@ def stop(spec):
     return 0
 
 
+def record(d, spec, index, state, **fields):
+    """A record written by the launcher (before a supervisor takes the instance over)."""
+    data = {"v": 1, "name": spec["name"], "index": index, "node": host(), "kind": "slurm",
+            "job": spec.get("job"), "command": spec["command"], "cwd": spec.get("cwd"),
+            "target": spec.get("target"), "restart": spec.get("restart"), "state": state,
+            "boot": boot_id(), "started": None, "since": None, "restarts": 0, "exit": None,
+            "pid": None, "updated": time.time()}  # fmt: skip
+    data.update(fields)
+    write_json(os.path.join(d, "state.json"), data)
+
+
+def pending(spec):
+    """``start --via slurm``, right after sbatch: a ``pending`` record per instance, so
+    ``ps`` and ``stop`` know the worker before Slurm starts its tasks."""
+    name, count = spec["name"], int(spec.get("per_node") or 1)
+    nd = os.path.join(base_dir(spec), name)
+    if not os.path.isdir(nd):
+        os.makedirs(nd, mode=0o700)
+    held = lock(os.path.join(nd, ".lock"))
+    try:
+        for _, i, d in instance_dirs(spec, name):
+            if i >= count and not supervisor_alive(d):
+                remove_dir(d)
+        for index in range(count):
+            d = os.path.join(nd, str(index))
+            if (read_json(os.path.join(d, "state.json")) or {}).get("job") == spec["job"]:
+                continue  # the task was quicker
+            fresh_dir(d)
+            open(os.path.join(d, "log"), "ab").close()
+            record(d, spec, index, "pending", active=False, message=f"slurm job {spec['job']}")
+    finally:
+        os.close(held)
+    print(json.dumps({"host": host()}))
+    return 0
+
+
 def slurm_task(spec):
     """One task of a ``--via slurm`` worker: supervise in the foreground (Slurm is the parent)."""
     index = int(os.environ.get("SLURM_LOCALID", "0"))
     spec = dict(spec, job=os.environ.get("SLURM_JOB_ID"), kind="slurm")
-    d = os.path.join(base_dir(spec), spec["name"], str(index))
-    fresh_dir(d)
+    nd = os.path.join(base_dir(spec), spec["name"])
+    d = os.path.join(nd, str(index))
+    if not os.path.isdir(d):
+        os.makedirs(d, mode=0o700)
+    held = lock(os.path.join(nd, ".lock"))
+    try:  # the pending record becomes this supervisor's, under the launchers' lock
+        fresh_dir(d)
+        with open(os.path.join(d, "pids"), "w") as f:
+            f.write(f"{os.getpid()} {start_ticks(os.getpid())} {boot_id()}\n")
+        record(d, spec, index, "running", active=True, supervisor=os.getpid(),
+               started=time.time(), message="starting")  # fmt: skip
+    finally:
+        os.close(held)
     set_name()
     Supervisor(spec, index, d).run()
     return 0
@@ -309,7 +358,7 @@ def slurm_task(spec):
 
 def main(text):
     spec = json.loads(text)
-    ops = {"start": launch, "stop": stop, "slurm": slurm_task}
+    ops = {"start": launch, "stop": stop, "slurm": slurm_task, "pending": pending}
     try:
         return ops[spec["op"]](spec)
     except Exception as exc:  # one line for the client, never a traceback

@@ -126,6 +126,7 @@ def start_via_slurm(
     if not result.ok or not job.isdigit():
         why = result.error or result.stderr.strip() or result.stdout.strip()
         raise WorkerError(f"sbatch failed on {slurm.node}: {why}")
+    _record_pending(conns, nodes, spec, job, fanout, base)
     results, rows = _wait_running(conns, nodes, spec, job, fanout, base, wait)
     for listing in listings:
         if not listing.ok:
@@ -139,6 +140,21 @@ def start_via_slurm(
     if any(connection_node(c) in nodes and not results[connection_node(c)].ok for c in conns):
         report.notes.append(_job_state(slurm, job))
     return report
+
+
+def _record_pending(
+    conns: list[fabric.Connection],
+    nodes: list[str],
+    spec: WorkerSpec,
+    job: str,
+    fanout: int,
+    base: str,
+) -> None:
+    """``pending`` records on the nodes until the job's tasks replace them (see launcher)."""
+    command = shell.python(remote.BOOTSTRAP)
+    data = remote.payload(json.dumps({**spec.node_spec("pending", base), "job": job, "env": {}}))
+    chosen = [c for c in conns if connection_node(c) in nodes]
+    map_nodes(chosen, lambda c: remote.call(c, command, data, timeout=60), fanout=fanout)
 
 
 def _wait_running(
@@ -160,7 +176,7 @@ def _wait_running(
         for node, value in outcome.items():
             if isinstance(value, NodeResult) and value.ok:
                 found = parse_listing(node, value.stdout).rows
-                rows[node] = [r for r in found if r.job == job]
+                rows[node] = [r for r in found if r.job == job and r.state != "pending"]
         done = all(len(rows.get(n, [])) >= spec.per_node for n in nodes)
         if done or time.monotonic() > deadline:
             break
@@ -188,5 +204,3 @@ def _job_state(slurm: Slurm, job: str) -> str:
     except SlurmError as exc:
         return f"slurm job {job}: {exc}"
     return f"slurm job {job}: not in the queue"
-
-

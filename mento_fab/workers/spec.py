@@ -43,8 +43,9 @@ __all__ = [
 _NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESTART_POLICIES = ("no", "on-failure", "always")
-#: Every state ``ps`` can show (``lost`` is decided by the client, the rest by the node).
-STATES = ("running", "restarting", "failed", "exited", "stopped", "lost")
+#: Every state ``ps`` can show (``lost`` is decided by the client, the rest by the node;
+#: ``pending``: a ``--via slurm`` worker whose job Slurm has not started yet).
+STATES = ("running", "restarting", "failed", "exited", "stopped", "lost", "pending")
 #: States in which a supervisor is in charge (the worker runs or will run again).
 ACTIVE = ("running", "restarting", "failed")
 #: Most instances per node (``--per-node``).

@@ -383,8 +383,13 @@ def test_worker_via_slurm_is_one_job_in_the_reservation(
         rc, listed = ps_json(cli, name)
         assert rc == 0 and {(w["kind"], w["state"]) for w in listed["workers"]} == {
             ("slurm", "running")}  # fmt: skip
-        out = wait_for(lambda: "tick 0" in (o := cli("logs", name)).stdout and o, what="logs")
-        assert all(f"{node} (1)" in out.stdout for node in NODES), out.stdout
+
+        def ticks() -> Any:
+            out = json.loads(cli("logs", name, "--json").stdout)
+            return all("tick 0" in n["stdout"] for n in out["nodes"]) and out
+
+        out = wait_for(ticks, what="a tick in every node's log")
+        assert sorted(n["node"] for n in out["nodes"]) == NODES
         stopped = cli("stop", name, "--grace", "1")
         assert stopped.returncode == 0, stopped.stderr
         with Slurm.open(slurm_session, ssh_config=slurm_lab.ssh_config) as slurm:
@@ -395,3 +400,37 @@ def test_worker_via_slurm_is_one_job_in_the_reservation(
         stop(grp, None, grace=1)
         grp.close()
         shutil.rmtree(slurm_lab.home / ".mento_fab" / "workers", ignore_errors=True)
+
+
+def test_a_pending_slurm_worker_shows_as_pending_and_stop_removes_its_job(
+    slurm_lab: Lab, slurm_session: Path, tmp_path: Path, marker: str
+) -> None:
+    from mento_fab.session import Session
+    from mento_fab.slurm import Slurm
+    from mento_fab.workers.slurm import start_via_slurm
+
+    md = Session.load(slurm_session).metadata
+    name = f"wait-{marker}"
+    blocker = tmp_path / "block.sh"
+    blocker.write_text("#!/bin/sh\nsleep 300\n")
+    grp = nodes_group(slurm_session, ssh_config=slurm_lab.ssh_config)
+    with Slurm.open(slurm_session, ssh_config=slurm_lab.ssh_config) as slurm:
+        held = slurm.submit(blocker, time="10", nodes=4,
+                            extra=["--exclusive", "--nodelist=cn[01-04]"])  # fmt: skip
+        try:
+            wait_for(lambda: held.state() == "RUNNING", what="the blocking job running")
+            report = start_via_slurm(grp, WorkerSpec(name, ticking(marker)), md, wait=2)
+            assert report.exit_status == 1
+            (job,) = {r.job for r in ps(grp, name)}
+            assert [(r.state, r.kind) for r in ps(grp, name)] == [("pending", "slurm")] * 4
+            assert ps(grp, name).exit_status == 1
+            assert any(j.id == job and j.state == "PENDING" for j in slurm.jobs())
+            stopped = stop(grp, name, grace=1, metadata=md)
+            assert stopped.exit_status == 0 and f"slurm job {job} cancelled" in stopped.notes
+            assert {r.state for r in ps(grp, name)} == {"stopped"}
+            assert job not in {j.id for j in slurm.jobs()}
+        finally:
+            held.cancel()
+            stop(grp, None, grace=1, metadata=md)
+            grp.close()
+            shutil.rmtree(slurm_lab.home / ".mento_fab" / "workers", ignore_errors=True)
