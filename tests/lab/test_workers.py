@@ -97,9 +97,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float = WAIT, what: str = ""
         time.sleep(0.2)
 
 
+def worker_shells(lab: Lab, node: str, marker: str) -> list[int]:
+    """Host pids of the worker shells on a node: the leaders of their process groups
+    (a shell forking for ``sleep`` briefly has a child with the same command line)."""
+    found = []
+    for pid, cmd in lab.node_pids(node).items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if marker in cmd and int(stat[2]) == pid:
+            found.append(pid)
+    return found
+
+
 def worker_pid(lab: Lab, node: str, marker: str) -> int:
     """Host pid of the worker's shell on a node (to kill it from outside)."""
-    found = [pid for pid, cmd in lab.node_pids(node).items() if marker in cmd]
+    found = worker_shells(lab, node, marker)
     assert len(found) == 1, found
     return found[0]
 
@@ -199,7 +213,7 @@ def test_per_node_instances_get_their_index(
     out = wait_for(both, what="lines of both instances")
     assert f"==> {name}[1] <==" in out.stdout
     for node in NODES:
-        assert len([p for p in node_processes(lab, node) if marker in p]) == 2
+        assert len(worker_shells(lab, node, marker)) == 2
 
 
 def test_bad_input_exits_2_with_one_line(cli: Callable[..., Any], group: Any, marker: str) -> None:
