@@ -163,10 +163,12 @@ def report(args, top, warm, cold, load_before: str, load_after: str) -> str:
         f"Warm: {len(warm['ps'])} runs each, alternating; cold: "
         f"{len(cold['ps']) if cold else 0} runs each, interleaved.",
         "",
-        "A refresh is one `sh` per node that reads `/proc` and the worker records with shell "
-        "built-ins, plus one `df`; `ps` adds one `ps(1)` per node for CPU and memory of the "
-        "workers' sessions. Every node shares the machine's cores with the client here, so "
-        "the node side is part of every number above.",
+        "`top` keeps one small `sh` loop per node open and sends it one request line per "
+        "refresh; it answers in one write, reading `/proc` and the worker records with shell "
+        "built-ins (`df` every fifth refresh). `ps` runs one `sh` per node on a new channel, "
+        "with one `ps(1)` for CPU and memory of the workers' sessions. Every node shares the "
+        "machine's cores with the client here, so the node side is part of every number "
+        "above.",
         "",
         "Targets (from the issue), as measured:",
         "",
