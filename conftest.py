@@ -10,6 +10,7 @@ not failed, when pytest does not run as root, so the unit tests still run anywhe
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from collections.abc import Iterator
@@ -144,3 +145,38 @@ def private_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.M
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     return home
+
+
+@pytest.fixture(autouse=True)
+def private_agent(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Path]:
+    """Every test gets its own connection-agent directory, and any agent started in it
+    is stopped afterwards: no test leaves an agent running or meets another's.
+
+    The command line runs without the agent (``MENTO_AGENT=0``) unless the test turns
+    it on, or ``MENTO_TEST_AGENT=1`` runs every CLI test through it.
+    """
+    directory = tmp_path_factory.mktemp("agent")
+    directory.chmod(0o700)
+    monkeypatch.setenv("MENTO_AGENT_DIR", str(directory))
+    monkeypatch.setenv("MENTO_AGENT", os.environ.get("MENTO_TEST_AGENT", "0"))
+    yield directory
+    stop_agents(directory)
+
+
+def stop_agents(directory: Path) -> None:
+    """Stop every agent in ``directory``; kill one that does not stop."""
+    import signal
+
+    from mento_fab.agent import wire
+    from mento_fab.cli import client
+
+    for names in wire.Names.all_in(directory):
+        with contextlib.suppress(OSError, EOFError, ValueError):
+            client.stop(names, timeout=15)
+    for pidfile in directory.glob("agent-*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pidfile.read_text())
+            if client.alive(pid):
+                os.kill(pid, signal.SIGKILL)

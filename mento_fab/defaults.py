@@ -58,3 +58,6 @@ WORKER_RESTART_DELAY_MAX = 60.0
 WORKER_LOG_LINES = 20
 #: Seconds between two refreshes of ``top``.
 TOP_INTERVAL = 2.0
+
+#: Seconds without a call after which the connection agent exits (``MENTO_AGENT_IDLE``).
+AGENT_IDLE = 600.0

@@ -28,6 +28,7 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "AgentError",
     "BadInput",
     "BadPath",
     "BadPort",
@@ -274,3 +275,11 @@ class EndedEarly(NodeError):
 
 class UnsafeArchive(MentoError, RuntimeError):
     """A stream from a node holds a member that must not be written (outside, special)."""
+
+
+class AgentError(MentoError, RuntimeError):
+    """The connection agent could not be reached or answered out of turn.
+
+    The thin client turns it into running the command in its own process; only a
+    loss in the middle of a command is reported (exit status 255).
+    """

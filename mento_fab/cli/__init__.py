@@ -1,33 +1,36 @@
 """The ``mento-fab`` command: an invoke Program over the same tasks as ``inv``.
 
 The command line is the only part of mento_fab that prints. Each module holds the
-tasks of one area (``core``: info, check, run-on-nodes; ``deploy``; ``slurm``);
-options shared by tasks are declared once in :mod:`.options`, and exceptions become
-exit statuses in one table, :mod:`.exits`.
+tasks of one area (``core``: info, check, run-on-nodes; ``deploy``; ``slurm``;
+``agent``); options shared by tasks are declared once in :mod:`.options`, and
+exceptions become exit statuses in one table, :mod:`.exits`.
+
+Importing this package is cheap: :func:`main` first runs the thin client
+(:mod:`mento_fab.cli.client`, standard library only), which hands the command
+to the connection agent when one applies; the invoke Program (:mod:`.app`) is
+imported only to run a command in this process. ``program`` and ``namespace``
+are loaded on first use.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
+import importlib
 from typing import Any
 
-from invoke import Collection, Config, Exit, Program
-from invoke.exceptions import ParseError
+__all__ = ["main", "namespace", "program", "task_modules"]
 
-from mento_fab.cli import exits
-from mento_fab.cli.options import configure_logging
-from mento_fab.defaults import BAD_INPUT_EXIT
-
-__all__ = ["main", "namespace", "program"]
-
-_TASK_MODULES = ("core", "slurm", "deploy", "access", "workers")
+#: The task modules, in ``--list`` order; :mod:`.app` builds the namespace from them.
+_TASK_MODULES = ("core", "slurm", "deploy", "access", "workers", "agent")
 
 
-def namespace() -> Collection:
-    """A fresh collection of every mento_fab task (callers may add their own)."""
-    import importlib
+def task_modules() -> tuple[str, ...]:
+    """The names of the task modules under ``mento_fab.cli``."""
+    return _TASK_MODULES
+
+
+def namespace() -> Any:
+    """A fresh invoke Collection of every mento_fab task (callers may add their own)."""
+    from invoke import Collection
 
     ns = Collection()
     for name in _TASK_MODULES:
@@ -37,79 +40,14 @@ def namespace() -> Collection:
     return ns
 
 
-class MentoConfig(Config):
-    """Config files: ``/etc/mento_fab.yaml``, ``~/.mento_fab.yaml``, or ``-f FILE``."""
-
-    prefix = "mento_fab"
-    env_prefix = "MENTO_FAB"
-
-
-def _usage_hint(exc: ParseError) -> str | None:
-    """A task module's ``USAGE[task]``, for a word invoke did not expect after that task."""
-    task = getattr(getattr(exc, "context", None), "name", None)
-    text = str(exc)
-    if not task or "No idea what" not in text:
-        return None
-    # Only a stray word (a positional SOURCE) gets the hint; a mistyped flag does not.
-    word = text.partition("No idea what '")[2].partition("'")[0]
-    if word.startswith("-"):
-        return None
-    for name in _TASK_MODULES:
-        hint = getattr(sys.modules.get(f"mento_fab.cli.{name}"), "USAGE", {}).get(task)
-        if hint:
-            return str(hint)
-    return None
-
-
-def _bad_usage(step: Callable[..., Any]) -> Callable[..., Any]:
-    """A command-line mistake is bad input: exit status 2 with one line, as for the tasks."""
-
-    @functools.wraps(step)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return step(*args, **kwargs)
-        except ParseError as exc:
-            message = _usage_hint(exc) or str(exc)
-            raise Exit(f"mento-fab: {message}", code=BAD_INPUT_EXIT) from None
-
-    return wrapper
-
-
-def _parse_tasks(program: Program) -> None:
-    from mento_fab.cli.argv import optional_positionals
-
-    program.core.unparsed = optional_positionals(program.core.unparsed, program.collection)
-    Program.parse_tasks(program)
-
-
-class MentoProgram(Program):
-    parse_core = _bad_usage(Program.parse_core)
-    parse_tasks = _bad_usage(_parse_tasks)
-    parse_cleanup = _bad_usage(Program.parse_cleanup)
-
-    def execute(self) -> None:
-        # invoke's own --debug also asks for tracebacks of unexpected errors.
-        exits.set_debug(bool(self.args.debug.value))
-        # invoke keeps what follows `--` to itself: `ssh cn01 -- ls -l` reads it here.
-        self.config.mento_fab_remainder = self.core.remainder
-        super().execute()
-
-
-def _program() -> MentoProgram:
-    from mento_fab import __version__
-
-    return MentoProgram(
-        namespace=namespace(),
-        name="mento-fab",
-        binary="mento-fab",
-        version=__version__,
-        config_class=MentoConfig,
-    )
-
-
-program = _program()
-
-
 def main() -> None:
-    configure_logging()
-    program.run()
+    """The ``mento-fab`` entry point: through the connection agent, or in this process."""
+    from mento_fab.cli.client import main as client_main
+
+    client_main()
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("program", "MentoProgram", "MentoConfig", "make_program"):
+        return getattr(importlib.import_module("mento_fab.cli.app"), name)
+    raise AttributeError(f"module 'mento_fab.cli' has no attribute {name!r}")

@@ -79,6 +79,11 @@ NODES_SKIP = (*COMMON, "nodes", "skip_nodes", "fanout", *SSH)
 SLURM = (*COMMON, "submit_node", *SSH)
 _FLAGS = {"json"}
 
+#: Builds a task's group from ``nodes_group``'s arguments (None: ``nodes_group``).
+#: The connection agent installs one that hands out connections kept open between
+#: calls (:meth:`mento_fab.agent.pool.Pool.group`).
+group_provider: Callable[..., Any] | None = None
+
 
 @dataclass
 class Options:
@@ -150,7 +155,7 @@ class Options:
                 "node is trusted with the beamtime's key and data",
                 file=sys.stderr,
             )
-        return nodes_group(
+        return (group_provider or nodes_group)(
             session,
             nodes=nodes if nodes is not None else self.values.get("nodes"),
             exclude=self.excluded,
