@@ -250,6 +250,23 @@ def test_calls_after_the_first_reuse_the_connections(lab: Lab, env, known_hosts)
     assert state["served"] == 4 and not state["calls"]
 
 
+def test_warnings_of_building_the_group_come_on_every_call(
+    lab: Lab, env, known_hosts, lab_session: Path
+) -> None:
+    """The agent builds a group once; what building it says is said on every call."""
+    key = lab_session.parent / "shared" / "id_rsa"
+    key.chmod(0o644)  # loading a key others can read warns
+    known_hosts.write_text(known_hosts.read_text() + "cn99 ssh-ed25519 not-base64\n")
+    args = ["run-on-nodes", "--known-hosts", str(known_hosts), "hostname"]
+    runs = [mento(env, *args), mento(env, *args), mento(env, *args, agent=False), mento(env, *args)]
+    assert len({normal(r) for r in runs}) == 1
+    assert b"accessible by group/others" in runs[0].stderr, runs[0].stderr
+    assert agent_state(env)["served"] == 3
+    key.chmod(0o600)  # a changed mode is a new group: the warning goes
+    quiet = mento(env, *args)
+    assert b"accessible" not in quiet.stderr and quiet.returncode == 0
+
+
 def test_check_logs_in_anew_and_leaves_its_connections(lab: Lab, env, known_hosts) -> None:
     """``check`` tests the login itself: never handed a kept connection."""
     args = ["--known-hosts", str(known_hosts)]
