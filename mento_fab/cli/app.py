@@ -18,7 +18,7 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
-from invoke import Argument, Config, Exit, Program
+from invoke import Argument, Collection, Config, Exit, Program
 from invoke.exceptions import ParseError
 
 from mento_fab import __version__
@@ -69,11 +69,34 @@ def _bad_usage(step: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _named(collection: Collection, argv: list[str]) -> Collection:
+    """The tasks of ``collection`` that ``argv`` names (by name, alias or underscored name).
+
+    invoke's parser deep-copies the parser context of every task in the collection
+    for each parse: a few milliseconds per call for tasks the command line never
+    names. Only a named task can be switched to, so parsing against these alone
+    gives the same result, errors included.
+    """
+    words = {token for token in argv if not token.startswith("-")}
+    named = Collection()
+    for primary, aliases in collection.task_names.items():
+        if words & {primary, primary.replace("-", "_"), *aliases}:
+            named.add_task(collection[primary])
+    return named
+
+
 def _parse_tasks(program: Program) -> None:
     from mento_fab.cli.argv import optional_positionals
 
     program.core.unparsed = optional_positionals(program.core.unparsed, program.collection)
-    Program.parse_tasks(program)
+    everything = program.collection
+    asked = program.args.help.value  # `--help TASK` looks TASK up in the parser's contexts
+    words = [*program.core.unparsed, *([asked] if isinstance(asked, str) else [])]
+    program.collection = _named(everything, words)
+    try:
+        Program.parse_tasks(program)
+    finally:
+        program.collection = everything
 
 
 class MentoProgram(Program):
