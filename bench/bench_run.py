@@ -3,14 +3,18 @@
 
 Two measurements, both on lab clusters of 8 and 32 nodes brought up by this script:
 
-* **cold**: one fresh process per run, interpreter start, imports, key loading,
-  connecting and the command included. Compared: ``mento-fab run-on-nodes true``,
-  a plain fabric ``ThreadingGroup`` script, a parallel-ssh ``ParallelSSHClient``
-  script, ClusterShell's ``clush`` and ``xargs -P 32 ssh``. Repetitions are
-  interleaved (one run of each tool per round) so load from elsewhere on the
-  machine hits every tool alike. Peak memory is ``ru_maxrss`` of the process from
-  ``wait4``: for ``xargs`` and ``clush`` that is their largest single process,
-  not the sum of the concurrent ``ssh`` clients.
+* **whole process**: one process per run, as a user types it. ``mento-fab
+  run-on-nodes true`` through its connection agent with the connections open
+  (warm) and without it (``MENTO_AGENT=0``: interpreter start, imports, key
+  loading, logins), OpenSSH ``xargs -P 32 ssh`` with ControlPersist masters already
+  open, a parallel-ssh ``ParallelSSHClient`` script, a plain fabric
+  ``ThreadingGroup`` script, ClusterShell's ``clush`` and plain ``xargs -P 32
+  ssh``. Repetitions are interleaved (one run of each tool per round) so load
+  from elsewhere on the machine hits every tool alike. Client CPU is the
+  process's user+system time; for the warm mento-fab the agent's CPU time during
+  the call is given next to it. Peak memory is the largest single process
+  (``/usr/bin/time -f %M``): for ``xargs`` and ``clush`` not the sum of their
+  ``ssh`` clients, for the warm mento-fab the client (the agent's RSS is noted).
 * **warm**: in this process, connections already open, many repetitions:
   ``mento_fab.runner.run`` on a ``nodes_group`` against ``ThreadingGroup.run`` of
   plain fabric. Memory: bytes held by the open group and the peak allocated
@@ -24,6 +28,8 @@ Needs root (the lab uses network namespaces)::
 
     PYTHONPATH=/work/main python bench/bench_run.py
     PYTHONPATH=/work/main python bench/bench_run.py --nodes 8 --cold 3 --warm 10 --no-docs
+
+``--cold`` names the repetitions of the whole-process runs (default 9).
 """
 
 from __future__ import annotations
@@ -58,11 +64,14 @@ DOCS_INTRO = (
 )
 
 MENTO = "mento-fab"
+MENTO_WARM = "mento-fab, agent warm"
+MENTO_COLD = "mento-fab, MENTO_AGENT=0"
+SSH_CP = "ssh ControlPersist (xargs -P 32)"
 FABRIC = "fabric"
 PSSH = "parallel-ssh"
 CLUSH = "clush"
-XARGS = "xargs ssh"
-COLD_TOOLS = (MENTO, FABRIC, PSSH, CLUSH, XARGS)
+XARGS = "ssh (xargs -P 32)"
+COLD_TOOLS = (MENTO_WARM, MENTO_COLD, SSH_CP, PSSH, FABRIC, CLUSH, XARGS)
 WARM_TOOLS = (MENTO, FABRIC)
 TIME = "/usr/bin/time"
 
@@ -99,7 +108,8 @@ sys.exit(0 if all(o.exit_code == 0 for o in output) else 1)
 class Sample:
     seconds: list[float] = field(default_factory=list)
     memory_kib: list[float] = field(default_factory=list)
-    cpu_seconds: list[float] = field(default_factory=list)  # warm: this process, all threads
+    cpu_seconds: list[float] = field(default_factory=list)  # the client process, all threads
+    agent_cpu: list[float] = field(default_factory=list)  # the agent during the call
 
     def median(self) -> float:
         return statistics.median(self.seconds)
@@ -113,6 +123,7 @@ class Results:
     cold: dict[int, dict[str, Sample]] = field(default_factory=dict)
     warm: dict[int, dict[str, Sample]] = field(default_factory=dict)
     warm_open_kib: dict[int, dict[str, float]] = field(default_factory=dict)
+    agent_rss_kib: dict[int, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
 
@@ -132,10 +143,11 @@ def bin_dir_tool(name: str) -> str:
     return found
 
 
-def cold_commands(
-    lab: object, tmp: Path, mento: str, clush: str
-) -> dict[str, tuple[list[str], Path | None]]:
-    """argv (and a stdin file) per cold tool, all targeting every node of ``lab``."""
+Command = tuple[list[str], Path | None, dict[str, str]]
+
+
+def cold_commands(lab: object, tmp: Path, mento: str, clush: str) -> dict[str, Command]:
+    """argv, stdin file and environment per tool, all targeting every node of ``lab``."""
     nodes: list[str] = lab.nodes  # type: ignore[attr-defined]
     addresses = [lab.addresses[n] for n in nodes]  # type: ignore[attr-defined]
     user, key, cfg = lab.user, str(lab.key), str(lab.ssh_config)  # type: ignore[attr-defined]
@@ -146,32 +158,77 @@ def cold_commands(
     node_list = tmp / f"nodes-{len(nodes)}.txt"
     node_list.write_text("\n".join(nodes) + "\n")
     nodeset = f"cn[01-{len(nodes):02d}]"
+    env = dict(os.environ)
+    agent_dir = tmp / "agent"
+    agent_dir.mkdir(mode=0o700, exist_ok=True)
+    warm_env = {**env, "MENTO_AGENT": "1", "MENTO_AGENT_DIR": str(agent_dir)}
+    cold_env = {**env, "MENTO_AGENT": "0"}
+    mento_argv = [
+        mento, "run-on-nodes", "true", "--json",
+        "--metadata", str(lab.metadata_file),  # type: ignore[attr-defined]
+        "--ssh-config", cfg,
+    ]  # fmt: skip
     return {
-        MENTO: (
-            [
-                mento,
-                "run-on-nodes",
-                "true",
-                "--metadata",
-                str(lab.metadata_file),  # type: ignore[attr-defined]
-                "--ssh-config",
-                cfg,
-                "--json",
-            ],
-            None,
+        MENTO_WARM: (mento_argv, None, warm_env),
+        MENTO_COLD: (mento_argv, None, cold_env),
+        SSH_CP: (
+            ["xargs", "-P", "32", "-I{}", "ssh", *control_options(cfg, tmp), "{}", "true"],
+            node_list,
+            env,
         ),
-        FABRIC: ([sys.executable, str(fabric_py), user, key, cfg, *nodes], None),
-        PSSH: ([sys.executable, str(pssh_py), user, key, *addresses], None),
-        CLUSH: ([clush, "-w", nodeset, "-o", f"-F {cfg}", "-f", "64", "true"], None),
-        XARGS: (["xargs", "-P", "32", "-I{}", "ssh", "-F", cfg, "{}", "true"], node_list),
+        PSSH: ([sys.executable, str(pssh_py), user, key, *addresses], None, env),
+        FABRIC: ([sys.executable, str(fabric_py), user, key, cfg, *nodes], None, env),
+        CLUSH: ([clush, "-w", nodeset, "-o", f"-F {cfg}", "-f", "64", "true"], None, env),
+        XARGS: (["xargs", "-P", "32", "-I{}", "ssh", "-F", cfg, "{}", "true"], node_list, env),
     }
 
 
-def time_process(argv: list[str], stdin: Path | None) -> tuple[float, int, str, str]:
-    """Wall time, peak RSS (KiB, largest process incl. waited-for children), stdout, stderr.
+def control_options(cfg: str, tmp: Path) -> list[str]:
+    """OpenSSH's multiplexing: the first run opens a master per node, later ones reuse it."""
+    return ["-F", cfg, "-o", "ControlMaster=auto", "-o", f"ControlPath={tmp}/cm-%C",
+            "-o", "ControlPersist=600"]  # fmt: skip
 
-    The process runs under ``/usr/bin/time -f %M``: measured from this process with
-    ``wait4``, ``ru_maxrss`` would start at this benchmark's own RSS (the forked
+
+def close_masters(lab: object, tmp: Path) -> None:
+    cfg = str(lab.ssh_config)  # type: ignore[attr-defined]
+    for node in lab.nodes:  # type: ignore[attr-defined]
+        subprocess.run(["ssh", *control_options(cfg, tmp), "-O", "exit", node],
+                       capture_output=True, check=False)  # fmt: skip
+
+
+def agent_pid(tmp: Path) -> int | None:
+    pids = [int(p.read_text()) for p in (tmp / "agent").glob("agent-*.pid")]
+    return pids[0] if pids else None
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def process_rss_kib(pid: int | None) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return float(line.split()[1])
+    except OSError:
+        pass
+    return 0.0
+
+
+def time_process(
+    argv: list[str], stdin: Path | None, env: dict[str, str] | None = None
+) -> tuple[float, int, float, str, str]:
+    """Wall time, peak RSS (KiB, largest process), CPU seconds (user+system), stdout, stderr.
+
+    The process runs under ``/usr/bin/time -f '%M %U %S'``: measured from this process
+    with ``wait4``, ``ru_maxrss`` would start at this benchmark's own RSS (the forked
     child keeps the parent's high-water mark across exec). ``time`` adds about a
     millisecond to every tool alike.
     """
@@ -181,43 +238,63 @@ def time_process(argv: list[str], stdin: Path | None) -> tuple[float, int, str, 
         tempfile.NamedTemporaryFile("r") as mem,
         open(stdin or os.devnull, "rb") as stdin_f,
     ):
-        timed = [TIME, "-f", "%M", "-o", mem.name, *argv]
+        timed = [TIME, "-f", "%M %U %S", "-o", mem.name, *argv]
         start = time.perf_counter()
-        proc = subprocess.run(timed, stdin=stdin_f, stdout=out, stderr=err, check=False)
+        proc = subprocess.run(timed, stdin=stdin_f, stdout=out, stderr=err, check=False, env=env)
         elapsed = time.perf_counter() - start
         out.seek(0)
         err.seek(0)
         stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
-        lines = mem.read().split()
+        fields = mem.read().split()
     if proc.returncode != 0:
         raise BenchError(
             f"{' '.join(argv[:3])} ... exited {proc.returncode}: {stderr.strip()[-800:]}"
         )
-    return elapsed, int(lines[-1]), stdout, stderr
+    rss, user, system = fields[-3:]
+    return elapsed, int(rss), float(user) + float(system), stdout, stderr
 
 
 def bench_cold(lab: object, reps: int, tmp: Path, results: Results) -> None:
     n = len(lab.nodes)  # type: ignore[attr-defined]
     commands = cold_commands(lab, tmp, bin_dir_tool("mento-fab"), bin_dir_tool("clush"))
-    # One untimed round: page cache, known_hosts entries, sshd's first fork.
-    for name, (argv, stdin) in commands.items():
-        _, _, stdout, _ = time_process(argv, stdin)
-        if name == MENTO:
-            rows = json.loads(stdout)["nodes"]
-            if len(rows) != n or not all(r["exit"] == 0 for r in rows):
-                raise BenchError(f"mento-fab reported {len(rows)} nodes, expected {n}")
-    samples = {name: Sample() for name in commands}
-    for rep in range(reps):
-        # Rotate the order so no tool always runs right after the same other one.
-        names = list(commands)
-        names = names[rep % len(names) :] + names[: rep % len(names)]
-        for name in names:
-            argv, stdin = commands[name]
-            seconds, rss, _, _ = time_process(argv, stdin)
-            samples[name].seconds.append(seconds)
-            samples[name].memory_kib.append(rss)
-        log(f"  cold {n} nodes: round {rep + 1}/{reps}")
-    results.cold[n] = samples
+    try:
+        # One untimed round: page cache, known_hosts entries, sshd's first fork; it
+        # also starts the agent and opens the ControlPersist masters.
+        for name, (argv, stdin, env) in commands.items():
+            _, _, _, stdout, _ = time_process(argv, stdin, env)
+            if name in (MENTO_WARM, MENTO_COLD):
+                rows = json.loads(stdout)["nodes"]
+                if len(rows) != n or not all(r["exit"] == 0 for r in rows):
+                    raise BenchError(f"mento-fab reported {len(rows)} nodes, expected {n}")
+        agent = agent_pid(tmp)
+        if agent is None:
+            raise BenchError("mento-fab did not start its agent")
+        samples = {name: Sample() for name in commands}
+        for rep in range(reps):
+            # Rotate the order so no tool always runs right after the same other one.
+            names = list(commands)
+            names = names[rep % len(names) :] + names[: rep % len(names)]
+            for name in names:
+                argv, stdin, env = commands[name]
+                before = process_cpu(agent) if name == MENTO_WARM else 0.0
+                seconds, rss, cpu, _, _ = time_process(argv, stdin, env)
+                if name == MENTO_WARM:
+                    samples[name].agent_cpu.append(process_cpu(agent) - before)
+                samples[name].seconds.append(seconds)
+                samples[name].memory_kib.append(rss)
+                samples[name].cpu_seconds.append(cpu)
+            log(f"  whole process, {n} nodes: round {rep + 1}/{reps}")
+        argv, _, env = commands[MENTO_WARM]
+        state = subprocess.run([argv[0], "agent", "--json"], env=env, capture_output=True)
+        served = [a["served"] for a in json.loads(state.stdout)["agents"]]
+        if served != [reps + 1]:  # a call that ran without the agent would not be warm
+            raise BenchError(f"the agent served {served} calls, expected {reps + 1}")
+        results.agent_rss_kib[n] = process_rss_kib(agent)
+        results.cold[n] = samples
+    finally:
+        argv, _, env = commands[MENTO_WARM]
+        subprocess.run([argv[0], "agent", "--stop"], env=env, capture_output=True, check=False)
+        close_masters(lab, tmp)
 
 
 # ----------------------------------------------------------------------- warm
@@ -313,33 +390,36 @@ def table(results: Results, cold_reps: int, warm_reps: int) -> str:
     lines: list[str] = []
     counts = sorted(set(results.cold) | set(results.warm))
     if results.cold:
+        cold_counts = [n for n in counts if n in results.cold]
         lines += [
-            f"**Cold** (fresh process per run, `true` on all nodes; median of {cold_reps}, "
-            "min-max in brackets; ratio = tool / mento-fab, >1 means mento-fab is faster; "
-            "peak RSS = largest single process):",
+            f"**Whole process** (one process per run, `true` on all nodes; median of "
+            f"{cold_reps}, min-max in brackets; ratio = tool / warm mento-fab; client CPU = "
+            "the process's user+system time; peak RSS = largest single process):",
             "",
-            "| tool | " + " | ".join(f"{n} nodes" for n in counts if n in results.cold) + " |",
-            "| --- | " + " | ".join("---" for n in counts if n in results.cold) + " |",
+            "| tool | " + " | ".join(f"{n} nodes" for n in cold_counts) + " |",
+            "| --- | " + " | ".join("---" for _ in cold_counts) + " |",
         ]
         for name in COLD_TOOLS:
             cells = []
-            for n in counts:
-                if n not in results.cold:
-                    continue
+            for n in cold_counts:
                 s = results.cold[n][name]
-                ref = results.cold[n][MENTO].median()
+                ref = results.cold[n][MENTO_WARM].median()
                 lo, hi = s.spread()
-                ratio = "" if name == MENTO else f", **{s.median() / ref:.2f}x**"
+                ratio = "" if name == MENTO_WARM else f", **{s.median() / ref:.1f}x**"
+                cpu = f"client CPU {ms(statistics.median(s.cpu_seconds))}"
+                if s.agent_cpu:
+                    cpu += f" + agent {ms(statistics.median(s.agent_cpu))}"
                 cells.append(
-                    f"{ms(s.median())} ({ms(lo)}-{ms(hi)}){ratio}; "
+                    f"{ms(s.median())} ({ms(lo)}-{ms(hi)}){ratio}; {cpu}; "
                     f"{mib(statistics.median(s.memory_kib))}"
                 )
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
-        lines.append("")
+        rss = ", ".join(f"{mib(v)} at {n} nodes" for n, v in sorted(results.agent_rss_kib.items()))
+        lines += ["", f"The agent's own RSS after the runs: {rss}.", ""]
     if results.warm:
         warm_counts = [n for n in counts if n in results.warm]
         lines += [
-            f"**Warm** (connections open, in-process, median of {warm_reps} runs; client CPU "
+            f"**Warm, in-process** (connections open, median of {warm_reps} runs; client CPU "
             "= this process's CPU time per run, all threads; memory with tracemalloc: held "
             "by the open group / peak allocated per run):",
             "",
@@ -369,25 +449,38 @@ def table(results: Results, cold_reps: int, warm_reps: int) -> str:
     return "\n".join(lines)
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def targets(results: Results) -> list[str]:
-    """The issue's targets, checked against what was measured (never adjusted)."""
-    out = ["Targets (from the issue), as measured:", ""]
+    """The issues' targets, checked against what was measured (never adjusted)."""
+    out = ["Targets (issue 12: the agent; earlier: cold start and warm runs), as measured:", ""]
     for n, s in sorted(results.cold.items()):
-        ref = s[MENTO].median()
-        ratio = ref / s[FABRIC].median()
-        # fabric has its own target above; "every other peer" is the rest.
-        slower_than = [t for t in COLD_TOOLS if t not in (MENTO, FABRIC) and s[t].median() <= ref]
-        out.append(
-            f"- cold, {n} nodes: mento-fab / fabric = {ratio:.2f} (target ≤ 1.15: "
-            f"{'met' if ratio <= 1.15 else 'MISSED'}); "
-            "faster than parallel-ssh, clush and xargs ssh: "
-            + ("met" if not slower_than else f"MISSED (not faster than {', '.join(slower_than)})")
-        )
+        warm, cold = s[MENTO_WARM].median(), s[MENTO_COLD].median()
+        limit = 1.0 if n >= 32 else 1.5
+        cp = warm / s[SSH_CP].median()
+        pssh = s[PSSH].median() / warm
+        vs_pssh = cold / s[PSSH].median()
+        vs_fabric = cold / s[FABRIC].median()
+        slower = [t for t in (PSSH, CLUSH, XARGS) if s[t].median() <= cold]
+        out += [
+            f"- {n} nodes, warm mento-fab / ssh ControlPersist = {cp:.2f} (target ≤ {limit:g}: "
+            f"{_verdict(cp <= limit)})",
+            f"- {n} nodes, parallel-ssh / warm mento-fab = {pssh:.1f}x (target ≥ 4x: "
+            f"{_verdict(pssh >= 4)})",
+            f"- {n} nodes, cold mento-fab / parallel-ssh = {vs_pssh:.2f} (target ≤ 1.1: "
+            f"{_verdict(vs_pssh <= 1.1)})",
+            f"- {n} nodes, cold mento-fab / fabric = {vs_fabric:.2f} (target ≤ 1.15: "
+            f"{_verdict(vs_fabric <= 1.15)}); cold faster than parallel-ssh, clush and "
+            "xargs ssh: "
+            + ("met" if not slower else f"MISSED (not faster than {', '.join(slower)})"),
+        ]
     for n, s in sorted(results.warm.items()):
         speedup = s[FABRIC].median() / s[MENTO].median()
         out.append(
-            f"- warm, {n} nodes: fabric / mento_fab = {speedup:.1f}x (target ≥ 2x: "
-            f"{'met' if speedup >= 2 else 'MISSED'})"
+            f"- {n} nodes, in-process: fabric / mento_fab = {speedup:.1f}x (target ≥ 2x: "
+            f"{_verdict(speedup >= 2)})"
         )
     return [*out, ""]
 
@@ -471,7 +564,7 @@ def log(message: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", default="8,32", help="node counts (default 8,32)")
-    parser.add_argument("--cold", type=int, default=7, help="cold repetitions (default 7)")
+    parser.add_argument("--cold", type=int, default=9, help="whole-process repetitions (default 9)")
     parser.add_argument("--warm", type=int, default=30, help="warm repetitions (default 30)")
     parser.add_argument("--skip-cold", action="store_true")
     parser.add_argument("--skip-warm", action="store_true")
