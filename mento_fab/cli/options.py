@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from invoke import Context, task
+from invoke import Argument, Context, Task, task
 
 from mento_fab import defaults
 from mento_fab.cli.exits import friendly
@@ -172,6 +172,21 @@ def _config_section(c: Context) -> Any:
     return section if hasattr(section, "get") else {}
 
 
+class _Task(Task):
+    """An invoke Task whose option help survives building its arguments.
+
+    invoke pops each help entry as it builds the task's arguments, so a second parse
+    (the agent's next call, a second Program) would show the options without help.
+    """
+
+    def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
+        kept = dict(self.help)
+        try:
+            return super().get_arguments(ignore_unknown_help)
+        finally:
+            self.help = kept
+
+
 def mento_task(
     *,
     shared: Iterable[str] = COMMON,
@@ -213,6 +228,7 @@ def mento_task(
         merged = {name: _HELP[name] for name in shared}
         merged.update(help or {})
         task_options.setdefault("auto_shortflags", False)
+        task_options.setdefault("klass", _Task)
         return task(friendly(wrapper), help=merged, **task_options)
 
     return decorate

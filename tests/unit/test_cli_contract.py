@@ -174,3 +174,11 @@ def test_messages_never_carry_terminal_escapes() -> None:
         _raising(errors.SeveralMetadataFiles("found a\x1b[2J\x1b]0;pwn\x07.json, b.json"))()
     assert caught.value.code == 2
     assert "\x1b" not in caught.value.message and "\\x1b[2J" in caught.value.message
+
+
+def test_option_help_survives_building_the_arguments_twice() -> None:
+    """invoke pops help entries as it builds arguments; a second parse must still have them."""
+    ns = namespace()
+    first = {a.name: a.help for a in ns["run-on-nodes"].get_arguments()}
+    second = {a.name: a.help for a in ns["run-on-nodes"].get_arguments()}
+    assert first == second and all(second.values())
