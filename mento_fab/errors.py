@@ -29,6 +29,7 @@ from typing import Any
 
 __all__ = [
     "AgentError",
+    "AgentLost",
     "BadInput",
     "BadPath",
     "BadPort",
@@ -283,3 +284,8 @@ class AgentError(MentoError, RuntimeError):
     The thin client turns it into running the command in its own process; only a
     loss in the middle of a command is reported (exit status 255).
     """
+
+
+class AgentLost(AgentError, NodeError):
+    """The connection agent went away in the middle of a call (exit status 255, as a
+    lost node): the call ended with it, nothing can say how far it got."""

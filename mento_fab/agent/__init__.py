@@ -7,6 +7,7 @@ UNIX socket in a private directory (:mod:`.wire`). The agent runs the same invok
 Program in a thread, with that request's streams (:mod:`.context`), and keeps the
 SSH connections to the beamtime's nodes open between calls (:mod:`.pool`).
 
-Nothing here is imported by the library; ``MENTO_AGENT=0`` or ``mento-fab
---no-agent`` runs a command in its own process as before.
+The library uses only :mod:`.client` (standard library, never starts an agent): a
+:class:`~mento_fab.trigger.Trigger` sends its calls through a running agent.
+``MENTO_AGENT=0`` or ``mento-fab --no-agent`` runs a command in its own process as before.
 """

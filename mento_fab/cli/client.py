@@ -23,7 +23,6 @@ import os
 import select
 import signal
 import socket
-import stat
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -32,7 +31,16 @@ from typing import Any, NoReturn
 
 from mento_fab import defaults
 from mento_fab.agent import wire
-from mento_fab.errors import AgentError
+from mento_fab.agent.client import (
+    connect,
+    disabled,
+    interrupt,
+    run_request,
+    stream_facts,
+    submit,
+    wait_exit,
+)
+from mento_fab.errors import AgentError, AgentLost
 
 __all__ = ["AGENT_TASKS", "DIRECT_TASKS", "alive", "connect", "main", "query", "route", "stop"]
 
@@ -45,7 +53,6 @@ AGENT_TASKS = frozenset(
 DIRECT_TASKS = frozenset({"agent", "ssh", "tunnel", "top"})
 #: invoke core options that may come before a task on the agent path ("--config FILE").
 _CORE_WITH_VALUE = ("-f", "--config")
-_OFF = ("0", "no", "off", "false")
 #: Seconds to wait for another client's agent start, or for our own.
 START_TIMEOUT = 20.0
 #: Ctrl-C presses after which the client stops waiting for the agent.
@@ -59,7 +66,7 @@ def _debug(message: str) -> None:
 
 def route(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str | None, str | None]:
     """``(reason, task)``: why the call runs in this process (None: through the agent)."""
-    if environ.get("MENTO_AGENT", "1").strip().lower() in _OFF:
+    if disabled(environ):
         return "MENTO_AGENT=0", None
     if environ.get("INVOKE_DEBUG"):
         return "INVOKE_DEBUG is set", None
@@ -116,31 +123,6 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
 
 # ------------------------------------------------------------------ connecting
-def connect(names: wire.Names, timeout: float = 5.0) -> socket.socket:
-    """A connection to the agent behind ``names.socket``, checked to be this user's.
-
-    Raises ``FileNotFoundError``/``ConnectionRefusedError`` when no agent listens,
-    :class:`AgentError` when the socket belongs to somebody else.
-    """
-    info = os.lstat(names.socket)
-    if not stat.S_ISSOCK(info.st_mode):
-        raise AgentError(f"{names.socket} is not a socket")
-    if info.st_uid != os.getuid():
-        raise AgentError(f"{names.socket} is owned by uid {info.st_uid}, not by you")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(timeout)
-        sock.connect(str(names.socket))
-        uid = wire.peer_uid(sock)
-        if uid != os.getuid():
-            raise AgentError(f"the process behind {names.socket} runs as uid {uid}, not as you")
-        sock.settimeout(None)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
 def _connect_or_start(names: wire.Names) -> socket.socket | None:
     try:
         return connect(names)
@@ -230,49 +212,16 @@ def _spawn(names: wire.Names) -> bool:
 
 
 # ------------------------------------------------------------------- a request
-def _stream_facts() -> dict[str, Any] | None:
-    """How Python would have set up our stdio (encoding, buffering), as the agent must."""
-    facts: dict[str, Any] = {}
-    for fd, name in enumerate(("stdin", "stdout", "stderr")):
-        stream = getattr(sys, name)
-        try:
-            os.fstat(fd)
-        except OSError:
-            return None
-        if stream is None:
-            return None
-        facts[name] = {
-            "encoding": stream.encoding,
-            "errors": stream.errors,
-            "line_buffering": bool(getattr(stream, "line_buffering", False)),
-            "write_through": bool(getattr(stream, "write_through", False)),
-        }
-    return facts
-
-
 def _request(argv: Sequence[str], task: str | None) -> dict[str, Any] | None:
-    facts = _stream_facts()
+    facts = stream_facts((sys.stdin, sys.stdout, sys.stderr))
     if facts is None:
         _debug("not used: stdin, stdout or stderr is closed")
         return None
     try:
-        cwd = os.getcwd()
-    except OSError:
-        _debug("not used: the working directory is gone")
+        return run_request(argv, task, facts)
+    except AgentError as exc:
+        _debug(f"not used: {exc}")
         return None
-    umask = os.umask(0o077)
-    os.umask(umask)
-    return {
-        "op": "run",
-        "protocol": wire.PROTOCOL,
-        "fingerprint": wire.fingerprint(),
-        "argv": list(argv),
-        "task": task,
-        "env": dict(os.environ),
-        "cwd": cwd,
-        "umask": umask,
-        "streams": facts,
-    }
 
 
 def _through_agent(argv: Sequence[str], task: str | None) -> int | None:
@@ -292,8 +241,7 @@ def _through_agent(argv: Sequence[str], task: str | None) -> int | None:
             return None
         with sock:
             try:
-                wire.send(sock, request, fds=(0, 1, 2))
-                reply, _ = wire.recv(sock)
+                reply = submit(sock, request, (0, 1, 2))
             except (OSError, EOFError, AgentError) as exc:
                 _debug(f"not used: the agent did not take the call ({exc})")
                 return None
@@ -321,28 +269,20 @@ def _follow(sock: socket.socket, accepted: Mapping[str, Any]) -> int:
     """
     presses = 0
 
-    def interrupt(signum: int, frame: Any) -> None:
+    def on_sigint(signum: int, frame: Any) -> None:
         nonlocal presses
         presses += 1
         if presses >= GIVE_UP_PRESSES:
             raise KeyboardInterrupt
-        with contextlib.suppress(OSError):
-            wire.send(sock, {"op": "interrupt"})
+        interrupt(sock)
 
-    lost = (
-        f"mento-fab: the connection agent (pid {accepted.get('pid')}) was lost before the "
-        "command finished (MENTO_AGENT=0 runs without the agent)"
-    )
-    previous = signal.signal(signal.SIGINT, interrupt)
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        while True:
-            try:
-                message, _ = wire.recv(sock)
-            except (OSError, EOFError, AgentError):
-                print(lost, file=sys.stderr, flush=True)
-                return defaults.UNREACHABLE_EXIT
-            if message["op"] == "exit":
-                return int(message.get("status", 1))
+        return wait_exit(sock, accepted.get("pid"))
+    except AgentLost as exc:
+        print(f"mento-fab: {exc} (MENTO_AGENT=0 runs without the agent)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return defaults.UNREACHABLE_EXIT
     except KeyboardInterrupt:
         print(
             f"mento-fab: interrupted; gave up waiting for the connection agent "
