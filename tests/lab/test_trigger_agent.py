@@ -235,3 +235,57 @@ def test_an_sbatch_trigger_through_the_agent_returns_a_job_that_can_be_followed(
         trig.close()
         script.unlink(missing_ok=True)
         log_file.unlink(missing_ok=True)
+
+
+ENDING_SCRIPT = """
+import sys
+import mento_fab.trigger as trigger
+
+trigger.EXIT_DRAIN_TIMEOUT = 1.0
+md, ssh_config, known_hosts, marker, how = sys.argv[1:]
+trig = trigger.Trigger(
+    trigger.TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=ssh_config,
+    known_hosts=known_hosts, workers=2,
+)
+trig.run(["sh", "-c", f"setsid sleep {marker}1 & sleep {marker}2"], background=True)
+if how == "exit":
+    trig.run(["sleep", f"{marker}3"], background=True)
+    print("started", flush=True)
+    sys.stdin.readline()  # the script ends here, its triggers still running
+else:
+    print("started", flush=True)
+    trig.run(["sleep", f"{marker}3"])  # interrupted by Ctrl-C
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "ctrl-c"])
+def test_a_scan_that_ends_leaves_nothing_running_through_the_agent(
+    lab: Lab, lab_session: Path, scan, tmp_path: Path, how: str
+) -> None:
+    marker = "76433" if how == "exit" else "76434"
+    kh = scan.known_hosts
+    mento(lab, lab_session, kh, "info")
+    script = tmp_path / "ending.py"
+    script.write_text(ENDING_SCRIPT)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(lab_session), str(lab.ssh_config), str(kh), marker,
+         how],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "MENTO_AGENT": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout.readline() == "started\n"
+        assert wait_for(lambda: len(sleeps(lab, marker)) == 3), sleeps(lab, marker)
+        assert len(agent_state(lab, lab_session, kh)["calls"]) == 2  # the agent runs them
+        if how == "exit":
+            proc.stdin.close()
+        else:
+            proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+        assert wait_for(lambda: not sleeps(lab, marker)), sleeps(lab, marker)
+        state = agent_state(lab, lab_session, kh)
+        assert state["served"] == 3 and not state["calls"]
+    finally:
+        proc.kill()
+        proc.wait(60)
+        kill_sleeps(lab, marker)
