@@ -63,7 +63,7 @@ from mento_fab.errors import (
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.results import NodeResult
 from mento_fab.session import Session
-from mento_fab.trigger_agent import run_via_agent
+from mento_fab.trigger_agent import connect_failed, run_via_agent
 from mento_fab.trigger_call import TriggerHandle, TriggerMethod, split_arg_list
 
 if TYPE_CHECKING:
@@ -370,7 +370,7 @@ class Trigger:
         command (an sbatch would then submit twice). While this user's connection
         agent runs, the call goes through it and its kept connection instead.
         """
-        result = run_via_agent(node, line, timeout, self._metadata_file, self._group_options)
+        result = self._via_agent(node, line, timeout)
         if result is not None:
             return result
         describe_error = _lib("describe_error")
@@ -392,6 +392,18 @@ class Trigger:
                     self._drop(node)
         # sent from here on: never retried
         return _lib("execute")(conn, line, timeout=timeout, channel=channel)
+
+    def _via_agent(self, node: str, line: str, timeout: float | None) -> NodeResult | None:
+        """The call through the agent, or None (not taken; or a node in its connect
+        back-off, which the direct path answers at once)."""
+        if time.monotonic() < self._failed.get(node, (0.0, ""))[0]:
+            return None
+        result = run_via_agent(node, line, timeout, self._metadata_file, self._group_options)
+        if result is not None and result.exit is None and connect_failed(result.error):
+            self._failed[node] = (time.monotonic() + self.connect_backoff, str(result.error))
+        elif result is not None:
+            self._failed.pop(node, None)
+        return result
 
     def _drop(self, node: str) -> None:
         """Close a node's connection that proved dead, so the next use re-opens it."""

@@ -36,7 +36,7 @@ from mento_fab.agent.client import connect, disabled, interrupt, run_request, su
 from mento_fab.errors import AgentError, AgentLost
 from mento_fab.results import NodeResult
 
-__all__ = ["INTERRUPT_WAIT", "agent_argv", "run_via_agent"]
+__all__ = ["INTERRUPT_WAIT", "agent_argv", "connect_failed", "run_via_agent"]
 
 log = logging.getLogger("mento_fab.trigger")
 
@@ -54,6 +54,23 @@ _STREAMS = {
     name: {"encoding": "utf-8", "errors": errors, "line_buffering": False, "write_through": False}
     for name, errors in (("stdin", "strict"), ("stdout", "strict"), ("stderr", "backslashreplace"))
 }
+
+
+#: How :func:`mento_fab.connection.describe_error` words a failure to connect or log in
+#: (nothing ran): the Trigger's connect back-off applies to these through the agent too.
+_CONNECT_FAILURES = (
+    "unreachable:", "connect timed out", "unknown host", "no SSH server answered",
+    "no SSH handshake", "authentication failed", "host key",
+)  # fmt: skip
+
+
+def connect_failed(error: str | None) -> bool:
+    """True when a node's error says the connection or login failed (nothing ran).
+
+    >>> connect_failed("connect timed out after 2 s"), connect_failed("timed out after 5 s")
+    (True, False)
+    """
+    return bool(error) and str(error).startswith(_CONNECT_FAILURES)
 
 
 def agent_argv(
@@ -205,9 +222,10 @@ def _collect(sock: socket.socket, out_r: int, err_r: int, node: str, pid: Any) -
     if interrupted:
         raise KeyboardInterrupt
     stderr = output[err_r].decode("utf-8", "replace")
-    for text in stderr.splitlines():
+    for text in stderr.splitlines():  # the command line's own words (a key or host-key warning)
         if text.strip():
-            log.warning("trigger: agent: %s", text.strip())
+            level = logging.WARNING if "WARNING" in text else logging.DEBUG
+            log.log(level, "trigger: agent: %s", text.strip())
     if error is not None:
         return NodeResult(node=node, error=error, seconds=time.monotonic() - start)
     return _result(node, status, bytes(output[out_r]), stderr, time.monotonic() - start)

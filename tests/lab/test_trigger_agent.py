@@ -289,3 +289,31 @@ def test_a_scan_that_ends_leaves_nothing_running_through_the_agent(
         proc.kill()
         proc.wait(60)
         kill_sleeps(lab, marker)
+
+
+def test_a_backlog_for_a_dead_node_through_the_agent_fails_fast(
+    lab: Lab, tmp_path: Path, monkeypatch
+) -> None:
+    """The connect back-off holds through the agent too: one connect timeout, not twenty."""
+    from mento_fab.trigger import Trigger, TriggerMethod
+
+    monkeypatch.setenv("MENTO_AGENT", "1")
+    md = lab.make_session(tmp_path, lab.nodes[:2])
+    mento(lab, md, tmp_path, "info")
+    trig = Trigger(
+        TriggerMethod.REMOTE_COMMAND, metadata=md, ssh_config=lab.ssh_config,
+        known_hosts=lab.known_hosts, connect_timeout=2, connect_backoff=30,
+    )  # fmt: skip
+    lab.node_exec("cn02", ["ip", "link", "set", "eth0", "down"])  # connects hang: no answer
+    try:
+        handles = [trig.run(["true"], destination="cn02", background=True) for _ in range(10)]
+        for handle in handles:
+            handle.wait(120)
+        assert all("connect timed out after 2 s" in h.error for h in handles), handles
+        backed_off = [h for h in handles if "not tried again within 30 s" in h.error]
+        assert len(backed_off) == 9, [h.error for h in handles]
+        assert trig.run(["hostname"], destination="cn01").stdout == "cn01\n"  # others go on
+        assert agent_state(lab, md, tmp_path)["served"] == 3  # info, cn02 once, cn01
+    finally:
+        lab.node_exec("cn02", ["ip", "link", "set", "eth0", "up"])
+        trig.close()
