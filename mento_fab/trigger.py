@@ -46,7 +46,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mento_fab import defaults
@@ -63,7 +62,7 @@ from mento_fab.errors import (
 from mento_fab.metadata import BeamtimeMetadata
 from mento_fab.results import NodeResult
 from mento_fab.session import Session
-from mento_fab.trigger_agent import connect_failed, run_via_agent
+from mento_fab.trigger_agent import AgentRoute, connect_failed
 from mento_fab.trigger_call import TriggerHandle, TriggerMethod, split_arg_list
 
 if TYPE_CHECKING:
@@ -153,8 +152,6 @@ class Trigger:
             raise BadTrigger(f"Trigger method not known: {trigger_method!s}") from None
         session = Session.load(metadata, beamline_root_dir)
         self.bt_info = session.metadata
-        #: The agent is told the file (None for an object: then calls run directly).
-        self._metadata_file = None if session.file is None else Path(os.path.abspath(session.file))
         if self.trigger_method is not TriggerMethod.LOCAL_BASH_SCRIPT and not self.bt_info.online:
             raise BadTrigger(
                 f"beamtime {self.bt_info.beamtime} has no reserved nodes (no onlineAnalysis)"
@@ -172,6 +169,8 @@ class Trigger:
             "host_keys": host_keys,
             "connect_timeout": connect_timeout,
         }
+        #: Which calls go through this user's connection agent (a metadata file is needed).
+        self.via_agent = AgentRoute(session.file, self._group_options)
         self._connections: dict[str, fabric.Connection] = {}
         #: Guards the dicts only; connecting happens under the node's own lock, so a
         #: dead node never holds up triggers to the others, or close().
@@ -394,11 +393,11 @@ class Trigger:
         return _lib("execute")(conn, line, timeout=timeout, channel=channel)
 
     def _via_agent(self, node: str, line: str, timeout: float | None) -> NodeResult | None:
-        """The call through the agent, or None (not taken; or a node in its connect
+        """The call through the agent, or None (not taken, or the node is in its connect
         back-off, which the direct path answers at once)."""
         if time.monotonic() < self._failed.get(node, (0.0, ""))[0]:
             return None
-        result = run_via_agent(node, line, timeout, self._metadata_file, self._group_options)
+        result = self.via_agent.run(node, line, timeout)
         if result is not None and result.exit is None and connect_failed(result.error):
             self._failed[node] = (time.monotonic() + self.connect_backoff, str(result.error))
         elif result is not None:

@@ -317,3 +317,23 @@ def test_a_backlog_for_a_dead_node_through_the_agent_fails_fast(
     finally:
         lab.node_exec("cn02", ["ip", "link", "set", "eth0", "up"])
         trig.close()
+
+
+def test_a_script_that_keeps_triggering_moves_to_its_own_connection(
+    lab: Lab, lab_session: Path, tmp_path: Path, monkeypatch
+) -> None:
+    from mento_fab.trigger import Trigger, TriggerMethod
+    from mento_fab.trigger_agent import AGENT_CALLS
+
+    monkeypatch.setenv("MENTO_AGENT", "1")
+    mento(lab, lab_session, tmp_path, "info")
+    trig = Trigger(TriggerMethod.REMOTE_COMMAND, metadata=lab_session,
+                   ssh_config=lab.ssh_config, known_hosts=lab.known_hosts)  # fmt: skip
+    try:
+        outputs = [trig.run(["echo", str(i)]).stdout for i in range(AGENT_CALLS + 3)]
+        assert outputs == [f"{i}\n" for i in range(AGENT_CALLS + 3)]
+        assert trig.via_agent.calls == {NODE: AGENT_CALLS}
+        assert trig.connects == {NODE: 1}  # then one login of its own, kept
+        assert agent_state(lab, lab_session, tmp_path)["served"] == 1 + AGENT_CALLS
+    finally:
+        trig.close()
