@@ -42,13 +42,20 @@ from mento_fab.agent.client import (
 )
 from mento_fab.errors import AgentError, AgentLost
 
-__all__ = ["AGENT_TASKS", "DIRECT_TASKS", "alive", "connect", "main", "query", "route", "stop"]
+__all__ = [
+    "AGENT_TASKS", "DIRECT_TASKS", "FLAGS", "alive", "connect", "main", "query", "route", "stop"
+]  # fmt: skip
 
 #: Tasks that run through the agent: they only talk to nodes and print.
 AGENT_TASKS = frozenset(
     {"info", "check", "run-on-nodes", "deploy", "rollback", "releases",
      "submit", "jobs", "cancel", "reservation"}
 )  # fmt: skip
+#: Options of AGENT_TASKS that take no value (a test checks this against the tasks): the
+#: word after any other option is its value, so ``--via ssh`` does not name the task ``ssh``.
+FLAGS = frozenset(
+    {"--all", "--dry-run", "--install", "--json", "--stream", "--system-site-packages", "--wait"}
+)
 #: Tasks that always run in their own process (interactive, or about the agent).
 DIRECT_TASKS = frozenset({"agent", "ssh", "tunnel", "top"})
 #: invoke core options that may come before a task on the agent path ("--config FILE").
@@ -86,14 +93,17 @@ def route(args: Sequence[str], environ: Mapping[str, str]) -> tuple[str | None, 
     task = args[i]
     if task not in AGENT_TASKS:
         return f"task {task!r} runs in this process", task
-    for token in args[i + 1 :]:
+    rest = iter(args[i + 1 :])
+    for token in rest:
         if token == "--":  # the rest belongs to the task
             break
         if token in ("-h", "--help") or token.startswith("--help="):
             return "help runs in this process", task
         if token == "--no-agent":
             return "--no-agent", task
-        if token in DIRECT_TASKS:
+        if token.startswith("--") and "=" not in token and token not in FLAGS:
+            next(rest, None)  # the option's value ("--via ssh"), never a task name
+        elif token in DIRECT_TASKS:
             return f"task {token!r} runs in this process", task
     return None, task
 

@@ -236,7 +236,7 @@ def test_progress_on_a_terminal_both_ways(env, known_hosts) -> None:
 
 # ---------------------------------------------------------- kept connections
 def test_calls_after_the_first_reuse_the_connections(lab: Lab, env, known_hosts) -> None:
-    args = ["run-on-nodes", "--known-hosts", str(known_hosts), "true"]
+    args = ["run-on-nodes", "--via", "ssh", "--known-hosts", str(known_hosts), "true"]
     before = sessions(lab)
     assert mento(env, *args).returncode == 0
     kept = {n: s - before[n] for n, s in sessions(lab).items()}

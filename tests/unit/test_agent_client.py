@@ -65,12 +65,31 @@ def mento(
         (["ssh", "cn01"], False),
         (["some-new-task"], False),
         (["info", "ssh"], False),
+        (["run-on-nodes", "--via", "ssh", "hostname"], True),
+        (["run-on-nodes", "--json", "--via", "ssh", "true"], True),
+        (["run-on-nodes", "--nodes", "top", "true"], True),
+        (["run-on-nodes", "--json", "true", "ssh", "cn01"], False),
         ([], False),
     ],
 )
 def test_which_calls_go_through_the_agent(args: list[str], through_agent: bool) -> None:
     reason, _ = route(args, {})
     assert (reason is None) is through_agent, reason
+
+
+def test_the_client_knows_which_options_take_no_value() -> None:
+    """The stdlib-only client cannot ask invoke; its list must match the tasks' flags."""
+    from mento_fab.cli import namespace
+
+    ns = namespace()
+    flags = {
+        f"--{name.replace('_', '-')}"
+        for task in client.AGENT_TASKS
+        for arg in ns[task].get_arguments()
+        if arg.kind is bool
+        for name in arg.names
+    }
+    assert flags == client.FLAGS
 
 
 @pytest.mark.parametrize("value", ["0", "off", "no", "false", " 0 "])
