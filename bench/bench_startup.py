@@ -101,8 +101,10 @@ def environment(rev: Revision, agent: bool, agent_dir: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["PYTHONPATH"] = str(rev.root)
     env["MENTO_AGENT"] = "1" if agent else "0"
-    env["MENTO_AGENT_DIR"] = str(agent_dir / rev.sha)
-    (agent_dir / rev.sha).mkdir(mode=0o700, exist_ok=True)
+    private = agent_dir / "agents" / rev.sha  # the agent refuses a directory others can enter
+    private.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(private.parent, 0o700)
+    env["MENTO_AGENT_DIR"] = str(private)
     return env
 
 
@@ -167,6 +169,12 @@ def measure(revisions: list[Revision], lab: object, runs: int, tmp: Path) -> Non
                 seconds, _ = timed(command(rev, args), env, tmp)
                 rev.seconds.setdefault(case, []).append(seconds)
             log(f"  round {rep + 1}/{runs}")
+        for rev in revisions:  # a warm call that ran without the agent would not be warm
+            if rev.has_agent:
+                _, out = timed(command(rev, ["agent", "--json"]), environment(rev, True, tmp), tmp)
+                served = [a["served"] for a in json.loads(out)["agents"]]
+                if served != [runs + 1]:
+                    raise BenchError(f"{rev.sha}: the agent served {served}, not {runs + 1}")
     finally:
         for rev in revisions:
             if rev.has_agent:
