@@ -28,7 +28,6 @@ import argparse
 import datetime
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,6 +35,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchdocs import replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -53,6 +54,7 @@ BEFORE = (
 FABRIC_SCRIPT = """\
 import sys
 from fabric import Config, Connection
+
 
 user, key, ssh_config, host, command = sys.argv[1:]
 conn = Connection(host, user=user, config=Config(runtime_ssh_path=ssh_config),
@@ -99,7 +101,13 @@ def bench_output(lab: object, size: int, tmp: Path) -> list[str]:
             "mento-fab --json": [*mento, "--json", command],
             "mento-fab --stream": [*mento, "--stream", command],
             "fabric Connection.run": [
-                sys.executable, str(fabric_py), user, key, cfg, "cn01", command,
+                sys.executable,
+                str(fabric_py),
+                user,
+                key,
+                cfg,
+                "cn01",
+                command,
             ],
             "clush -b (gathered)": [clush, "-b", "-w", "cn01", "-o", f"-F {cfg}", command],
             "clush (streamed)": [clush, "-w", "cn01", "-o", f"-F {cfg}", command],
@@ -124,7 +132,9 @@ def bench_cleanup(lab: object, reps: int, tmp: Path) -> tuple[float, float]:
         return f"export {RUN_ID_VARIABLE}={run_id}; {command}"
 
     group = nodes_group(
-        lab.metadata_file, ssh_config=lab.ssh_config, known_hosts=lab.known_hosts  # type: ignore[attr-defined]
+        lab.metadata_file,
+        ssh_config=lab.ssh_config,
+        known_hosts=lab.known_hosts,  # type: ignore[attr-defined]
     )
     times: dict[str, list[float]] = {"with": [], "without": []}
     try:
@@ -178,13 +188,7 @@ def section(rows: list[str], cleanup: tuple[float, float] | None, size: int,
 
 
 def write_docs(text: str) -> None:
-    current = DOCS.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(updated.rstrip("\n") + "\n")
+    replace_section(DOCS, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,7 +40,6 @@ import json
 import logging
 import os
 import platform
-import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +50,8 @@ import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchdocs import compile_package, exit_with, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -95,6 +96,7 @@ PSSH_SCRIPT = """\
 import sys
 
 from pssh.clients import ParallelSSHClient
+
 
 user, key, *addresses = sys.argv[1:]
 client = ParallelSSHClient(addresses, user=user, pkey=key, pool_size=64)
@@ -554,19 +556,7 @@ def section(body: str, counts: list[int], load: tuple[float, float]) -> str:
 
 
 def write_docs(text: str) -> None:
-    """Replace (or insert at the top) the ``## run-on-nodes`` section; keep every other one."""
-    DOCS.parent.mkdir(parents=True, exist_ok=True)
-    current = DOCS.read_text() if DOCS.exists() else DOCS_INTRO
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        first = re.search(r"^## ", current, re.M)
-        if first:
-            updated = current[: first.start()] + text + "\n" + current[first.start() :]
-        else:
-            updated = current.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(updated.rstrip("\n") + "\n")
+    replace_section(DOCS, SECTION, text, first=True, empty=DOCS_INTRO)
 
 
 def log(message: str) -> None:
@@ -590,10 +580,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING)
 
     sys.path.insert(0, str(REPO))
-    # As `pip install` does: with PYTHONDONTWRITEBYTECODE set (as on some machines) an
-    # editable checkout would compile every module on every run, which peers never pay.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "mento_fab")],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    compile_package(REPO / "mento_fab")
     from lab import Lab
 
     results = Results()
@@ -621,10 +608,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_run: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    exit_with(main, "bench_run", BenchError)

@@ -26,7 +26,6 @@ import datetime
 import json
 import logging
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -34,6 +33,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchdocs import compile_package, exit_with, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "scaling.md"
@@ -232,13 +233,7 @@ def per_node(sizes: list[Size]) -> list[str]:
 
 
 def write_docs(text: str) -> None:
-    current = DOCS.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(updated.rstrip("\n") + "\n")
+    replace_section(DOCS, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -254,10 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         raise SystemExit("the lab needs root")
     sys.path.insert(0, str(REPO))
-    # As `pip install` does: with PYTHONDONTWRITEBYTECODE set (as on some machines) an
-    # editable checkout would compile every module on every run, which peers never pay.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "mento_fab")],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    compile_package(REPO / "mento_fab")
     from lab import Lab
 
     logging.basicConfig(level=logging.WARNING)
@@ -282,10 +274,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_scaling: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    exit_with(main, "bench_scaling", BenchError)

@@ -39,6 +39,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from benchdocs import replace_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Slurm and triggers"
@@ -269,15 +271,7 @@ def report(args, nodes: int, cold, warm, trig, load_before: str, load_after: str
 
 
 def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = text.find(f"\n{SECTION}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        tail = "" if end < 0 else text[end:]
-        text = text[: start + 1] + section + tail
-    DOCS.write_text(text)
+    replace_section(DOCS, SECTION, section)
 
 
 def main() -> None:

@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,8 @@ import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from benchdocs import compile_package, exit_with, replace_section
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
@@ -80,10 +81,7 @@ def export(rev: str, scratch: Path) -> Revision:
     tar_path.write_bytes(archive)
     with tarfile.open(tar_path) as tar:
         tar.extractall(root, filter="data")
-    # Compiled as `pip install` would: PYTHONDONTWRITEBYTECODE (set on some machines)
-    # would otherwise make every run compile every module.
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "mento_fab")],
-                   check=True, stdout=subprocess.DEVNULL)  # fmt: skip
+    compile_package(root / "mento_fab")
     entry = tomllib.loads((root / "pyproject.toml").read_text())["project"]["scripts"]["mento-fab"]
     return Revision(rev, sha, root, entry, (root / "mento_fab" / "agent").is_dir())
 
@@ -230,13 +228,7 @@ def report(revisions: list[Revision], nodes: int, runs: int, load: tuple[float, 
 
 
 def write_docs(text: str) -> None:
-    current = DOCS.read_text()
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(updated.rstrip("\n") + "\n")
+    replace_section(DOCS, SECTION, text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,10 +267,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except BenchError as exc:
-        print(f"bench_startup: {exc}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    exit_with(main, "bench_startup", BenchError)

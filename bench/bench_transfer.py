@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import resource
 import shutil
 import statistics
@@ -39,8 +38,11 @@ from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 
+from benchdocs import replace_section
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
 
 from lab import Lab  # noqa: E402
 
@@ -237,14 +239,7 @@ per-node tool does; that case is not in the table."""
 
 
 def write_docs(text: str) -> None:
-    """Replace this benchmark's section of docs/benchmarks.md (or append it)."""
-    doc = DOCS.read_text()
-    pattern = re.compile(rf"^{re.escape(HEADING)}\n.*?(?=^## |\Z)", re.M | re.S)
-    if pattern.search(doc):
-        doc = pattern.sub(lambda _: text + "\n", doc, count=1)
-    else:
-        doc = doc.rstrip("\n") + "\n\n" + text
-    DOCS.write_text(doc.rstrip("\n") + "\n")
+    replace_section(DOCS, HEADING, text)
 
 
 if __name__ == "__main__":

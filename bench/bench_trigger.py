@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchdocs import replace_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Triggers, one process per scan"
@@ -165,18 +167,7 @@ def section(times: dict[str, list[float]], runs: int, loads: tuple[float, float]
 
 
 def write_docs(text: str) -> None:
-    current = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = current.find(f"\n{SECTION}\n")
-    if start < 0:
-        after = current.find("\n## ", current.find("\n## Slurm and triggers\n") + 1)
-        if "\n## Slurm and triggers\n" not in current or after < 0:
-            updated = current.rstrip("\n") + "\n\n" + text
-        else:
-            updated = current[: after + 1] + text + "\n" + current[after + 1 :]
-    else:
-        end = current.find("\n## ", start + 1)
-        updated = current[: start + 1] + text + ("" if end < 0 else current[end:])
-    DOCS.write_text(updated.rstrip("\n") + "\n")
+    replace_section(DOCS, SECTION, text, after="## Slurm and triggers")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchdocs import replace_section
+
 REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "benchmarks.md"
 SECTION = "## Workers"
@@ -179,14 +181,7 @@ def report(args, top, warm, cold, load_before: str, load_after: str) -> str:
 
 
 def write_docs(section: str) -> None:
-    text = DOCS.read_text() if DOCS.exists() else "# Benchmarks\n"
-    start = text.find(f"\n{SECTION}\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + section
-    else:
-        end = text.find("\n## ", start + 1)
-        text = text[: start + 1] + section + ("" if end < 0 else text[end:])
-    DOCS.write_text(text)
+    replace_section(DOCS, SECTION, section)
 
 
 def main() -> None:
