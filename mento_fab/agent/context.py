@@ -23,6 +23,7 @@ Only the agent process calls :func:`install` (it changes the whole process)::
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import io
@@ -312,13 +313,29 @@ def _slice_waits() -> None:
     def sliced_wait(self: threading.Condition, timeout: float | None = None) -> bool:
         if not _interrupting() or (timeout is not None and timeout <= SLICE):
             return wait(self, timeout)
+        # Condition.wait itself, with its one waiter lock taken in slices: a notify that
+        # lands between two slices releases that lock and is seen by the next slice
+        # (a new Condition.wait per slice would drop it with the timed-out waiter).
+        if not self._is_owned():  # type: ignore[attr-defined]
+            raise RuntimeError("cannot wait on un-acquired lock")
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            step = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
-            if step <= 0:
-                return False
-            if wait(self, step):
-                return True
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self._waiters.append(waiter)  # type: ignore[attr-defined]
+        saved = self._release_save()  # type: ignore[attr-defined]
+        notified = False
+        try:  # a KeyboardInterrupt lands between slices, at the latest after one SLICE
+            while not notified:
+                step = SLICE if deadline is None else min(SLICE, deadline - time.monotonic())
+                if step <= 0:
+                    break
+                notified = waiter.acquire(True, step)
+            return notified
+        finally:
+            self._acquire_restore(saved)  # type: ignore[attr-defined]
+            if not notified:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)  # type: ignore[attr-defined]
 
     def sliced_sleep(seconds: float) -> None:
         if not _interrupting() or seconds <= SLICE:
