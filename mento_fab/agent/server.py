@@ -47,7 +47,7 @@ log = logging.getLogger("mento_fab.agent")
 SHELL_NOISE = frozenset({"_", "OLDPWD", "SHLVL", "COLUMNS", "LINES"})
 #: Calls served at once.
 MAX_CALLS = 16
-#: Seconds a stopping agent gives interrupted calls to end.
+#: Seconds a stopping agent gives interrupted calls to end (a retiring one waits for its calls).
 STOP_GRACE = 10.0
 
 
@@ -162,22 +162,32 @@ class Agent:
                 self._listener.close()
 
     def _unlink(self) -> None:
-        """Remove our socket and pid file (not those of an agent that replaced us)."""
+        """Remove our socket and pid file (not those of an agent that replaced us).
+
+        The socket only while our listener is open: it holds the inode, so an equal
+        inode number is ours. Once closed, a new agent's socket may get that number.
+        """
+        inode, self._inode = self._inode, None
         with contextlib.suppress(OSError):
-            if os.stat(self.names.socket).st_ino == self._inode:
+            if inode is not None and os.stat(self.names.socket).st_ino == inode:
                 self.names.socket.unlink()
         with contextlib.suppress(OSError, ValueError):
             if int(self.names.pid.read_text()) == self.pid:
                 self.names.pid.unlink()
 
     def _shutdown(self) -> None:
-        deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline:
+        """Wait for the running calls: retiring, as long as they run; when asked to
+        interrupt them (``--stop``, SIGTERM, also later), STOP_GRACE after that."""
+        deadline = None
+        while True:
             with self._lock:
                 calls = list(self.calls.values())
             if not calls:
                 break
             if self._interrupt_calls:
+                deadline = deadline or time.monotonic() + STOP_GRACE
+                if time.monotonic() >= deadline:
+                    break
                 for call in calls:
                     if not call.interrupts:
                         call.interrupt()

@@ -498,3 +498,36 @@ def test_stop_interrupts_a_running_call(lab: Lab, env, known_hosts) -> None:
         proc.kill()
         proc.communicate(timeout=60)
         kill_sleeps(lab, marker)
+
+
+def test_a_retiring_agent_finishes_its_running_calls(
+    lab: Lab, env, known_hosts, private_agent: Path
+) -> None:
+    """A call of other code retires the agent; a long call running in it still ends well,
+    and the old agent leaving does not take the new agent's socket with it."""
+    marker = "12.9744"  # seconds: past STOP_GRACE
+    args = ["run-on-nodes", "--known-hosts", str(known_hosts)]
+    assert mento(env, *args, "true").returncode == 0
+    old = agent_pid(private_agent)
+    proc = start(env, *args, f"sleep {marker}; echo done")
+    try:
+        assert wait_for(lambda: all(sleeps(lab, marker).values()))
+        names = wire.Names(private_agent)
+        with client.connect(names) as sock:  # a client of newer code
+            request = {"op": "run", "protocol": wire.PROTOCOL, "fingerprint": "newer"}
+            wire.send(sock, {**request, "argv": [], "env": {}, "cwd": "/", "umask": 0o22})
+            assert wire.recv(sock)[0]["op"] == "stale"
+        assert wait_for(lambda: not names.socket.exists())
+        assert mento(env, *args, "hostname").returncode == 0  # served by a new agent
+        new = agent_pid(private_agent)
+        assert new != old and client.alive(old)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert b"done" in out and b"4 nodes: 4 ok" in err, (out, err)
+        assert wait_for(lambda: not client.alive(old))
+        assert names.socket.exists() and agent_pid(private_agent) == new
+        assert agent_state(env)["pid"] == new
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+        kill_sleeps(lab, marker)
