@@ -275,8 +275,11 @@ def _follow(sock: socket.socket, accepted: Mapping[str, Any]) -> int:
     """Forward Ctrl-C while the agent runs the command; its exit status, or 255 if lost.
 
     Every Ctrl-C interrupts the command in the agent, as it would in this process;
-    the third one stops waiting for an agent that does not react (exit 130).
+    the third one stops waiting for an agent that does not react (exit 130). Started
+    with SIGINT ignored (``cmd &`` in a script), it stays ignored, as Python keeps it.
     """
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return _wait(sock, accepted)
     presses = 0
 
     def on_sigint(signum: int, frame: Any) -> None:
@@ -288,11 +291,7 @@ def _follow(sock: socket.socket, accepted: Mapping[str, Any]) -> int:
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        return wait_exit(sock, accepted.get("pid"))
-    except AgentLost as exc:
-        print(f"mento-fab: {exc} (MENTO_AGENT=0 runs without the agent)", file=sys.stderr,
-              flush=True)  # fmt: skip
-        return defaults.UNREACHABLE_EXIT
+        return _wait(sock, accepted)
     except KeyboardInterrupt:
         print(
             f"mento-fab: interrupted; gave up waiting for the connection agent "
@@ -303,6 +302,16 @@ def _follow(sock: socket.socket, accepted: Mapping[str, Any]) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _wait(sock: socket.socket, accepted: Mapping[str, Any]) -> int:
+    """The call's exit status, or 255 (and one line) when the agent was lost."""
+    try:
+        return wait_exit(sock, accepted.get("pid"))
+    except AgentLost as exc:
+        print(f"mento-fab: {exc} (MENTO_AGENT=0 runs without the agent)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        return defaults.UNREACHABLE_EXIT
 
 
 # ------------------------------------------------------------ state and stop

@@ -531,3 +531,30 @@ def test_a_retiring_agent_finishes_its_running_calls(
         proc.kill()
         proc.communicate(timeout=60)
         kill_sleeps(lab, marker)
+
+
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "direct"])
+def test_a_call_started_with_ctrl_c_ignored_keeps_ignoring_it(
+    lab: Lab, env, known_hosts, agent: bool
+) -> None:
+    """``cmd &`` in a script starts with SIGINT ignored: Ctrl-C on the script passes it by."""
+    marker = "4.9745"
+    args = ["run-on-nodes", "--known-hosts", str(known_hosts)]
+    assert mento(env, *args, "true").returncode == 0  # the agent is up
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mento_fab", *args, f"sleep {marker}; echo done"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env={**env, "MENTO_AGENT": "1" if agent else "0"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )  # fmt: skip
+    try:
+        assert wait_for(lambda: all(sleeps(lab, marker).values()))
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        assert b"done" in out and b"4 nodes: 4 ok" in err, (out, err)
+        assert agent_state(env)["served"] == (2 if agent else 1)
+    finally:
+        proc.kill()
+        proc.communicate(timeout=60)
+        kill_sleeps(lab, marker)
