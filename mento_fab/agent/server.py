@@ -44,7 +44,8 @@ __all__ = ["Agent", "main"]
 log = logging.getLogger("mento_fab.agent")
 
 #: Variables a shell changes on its own: calls that differ only in them still share the agent.
-SHELL_NOISE = frozenset({"_", "OLDPWD", "SHLVL", "COLUMNS", "LINES"})
+#: (Not COLUMNS/LINES: rich and shutil read them from the process environment for the width.)
+SHELL_NOISE = frozenset({"_", "OLDPWD", "SHLVL"})
 #: Calls served at once.
 MAX_CALLS = 16
 #: Seconds a stopping agent gives interrupted calls to end (a retiring one waits for its calls).

@@ -558,3 +558,47 @@ def test_a_call_started_with_ctrl_c_ignored_keeps_ignoring_it(
         proc.kill()
         proc.communicate(timeout=60)
         kill_sleeps(lab, marker)
+
+
+_ESCAPE = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def _on_terminal(env: dict[str, str], *args: str) -> tuple[int, list[bytes]]:
+    """Run on a fresh pseudo-terminal: exit status and the visible lines written to it."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "mento_fab", *args], stdin=follower,
+                            stdout=follower, stderr=follower, env=env)  # fmt: skip
+    os.close(follower)
+    screen = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 65536) if ready else b""
+        except OSError:  # EIO: the last writer closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        screen += chunk
+    os.close(leader)
+    return proc.wait(30), re.split(rb"\r\n|\r|\n", _ESCAPE.sub(b"", screen))
+
+
+def test_each_call_is_drawn_at_its_own_terminal_width(lab: Lab, env, known_hosts) -> None:
+    """rich takes the width from COLUMNS: a call running with another one's is not shared."""
+    marker = "9746"
+    args = ["--known-hosts", str(known_hosts)]
+    wide = {**env, "COLUMNS": "200", "TERM": "xterm"}
+    proc = start(wide, "run-on-nodes", *args, f"sleep {marker}01")
+    try:
+        assert wait_for(lambda: all(sleeps(lab, marker).values()))
+        narrow = {**env, "COLUMNS": "70", "TERM": "xterm"}
+        for agent in (True, False):
+            status, lines = _on_terminal({**narrow, "MENTO_AGENT": str(int(agent))}, "check", *args)
+            assert status == 0, lines
+            table = [t for t in (x.decode() for x in lines) if re.search("[\u2500-\u257f]", t)]
+            assert any("cn04" in line for line in table), (agent, lines)
+            assert max(len(line) for line in table) <= 70, (agent, table)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+        kill_sleeps(lab, marker)
