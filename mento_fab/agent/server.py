@@ -53,12 +53,19 @@ STOP_GRACE = 10.0
 
 
 class _Setting:
-    """The process-wide part of a call: cwd, environment, umask (one set at a time)."""
+    """The process-wide part of a call: cwd, environment, umask (one set at a time).
+
+    Between calls the agent's own environment and umask are back in place: a call's
+    environment (tokens a user exported, say) stays no longer than the call.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._key: Any = None
         self._users = 0
+        self._environ = dict(os.environ)
+        self._umask = os.umask(0o077)
+        os.umask(self._umask)
 
     def enter(self, cwd: str, env: Mapping[str, str], umask: int) -> str | None:
         """Apply the call's setting, or say why another one is in place."""
@@ -83,6 +90,9 @@ class _Setting:
             self._users -= 1
             if not self._users:
                 os.chdir("/")
+                os.environ.clear()
+                os.environ.update(self._environ)
+                os.umask(self._umask)
 
 
 class Agent:

@@ -64,6 +64,11 @@ _CORE_WITH_VALUE = ("-f", "--config")
 START_TIMEOUT = 20.0
 #: Ctrl-C presses after which the client stops waiting for the agent.
 GIVE_UP_PRESSES = 3
+#: The environment the agent is started with (also LC_* and PYTHON*); calls bring theirs.
+AGENT_ENVIRONMENT = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH",
+     "VIRTUAL_ENV", "XDG_RUNTIME_DIR", "MENTO_AGENT_DIR", "MENTO_AGENT_IDLE", "MENTO_LOG_LEVEL"}
+)  # fmt: skip
 
 
 def _debug(message: str) -> None:
@@ -180,11 +185,24 @@ def _start(names: wire.Names) -> socket.socket | None:
         os.close(lock)
 
 
+def _agent_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """What the agent starts with: the interpreter's and its own settings only.
+
+    Every call brings its whole environment; the process lives for many calls and
+    should not carry the first caller's (tokens a user exported, say) in its own.
+    """
+    return {
+        name: value
+        for name, value in environ.items()
+        if name in AGENT_ENVIRONMENT or name.startswith(("LC_", "PYTHON"))
+    }
+
+
 def _spawn(names: wire.Names) -> bool:
     """Start the agent detached (own session, no terminal) and wait until it listens."""
     import subprocess
 
-    env = dict(os.environ)
+    env = _agent_environment(os.environ)
     # The agent runs from "/": it must find this very package without our cwd.
     root = str(Path(wire.__file__).resolve().parents[2])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

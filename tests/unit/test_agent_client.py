@@ -319,3 +319,43 @@ def test_idle_exit(beamtime, private_agent: Path) -> None:
         time.sleep(0.1)
     assert not client.alive(pid)
     assert not list(private_agent.glob("*.sock")) and not list(private_agent.glob("*.pid"))
+
+
+def test_the_agent_starts_without_the_callers_environment(beamtime, private_agent: Path) -> None:
+    """Each call brings its environment; the long-lived process does not keep the first's."""
+    args = ["info", "--metadata", str(beamtime.metadata)]
+    assert mento(*args, env={"RT_SECRET": "hunter2"}).returncode == 0
+    (pid,) = _agent_pids(private_agent)
+    own = dict(
+        entry.split(b"=", 1) for entry in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        if b"=" in entry
+    )  # fmt: skip
+    leaked = b"RT_SECRET" in own  # (no values in a failure's message)
+    assert not leaked
+    assert own.get(b"PATH") == os.environb[b"PATH"]
+    assert own.get(b"MENTO_AGENT_DIR") == str(private_agent).encode()
+
+
+def test_a_calls_environment_and_umask_leave_with_it(tmp_path: Path, monkeypatch) -> None:
+    """Between calls the agent's process holds its own environment and umask again."""
+    from mento_fab.agent.server import _Setting
+
+    monkeypatch.chdir(tmp_path)  # enter() changes the directory; back afterwards
+    before, umask = dict(os.environ), os.umask(0o022)
+    os.umask(umask)
+    setting = _Setting()
+    try:
+        call = {**before, "RT_SECRET": "hunter2"}
+        assert setting.enter(str(tmp_path), call, 0o027) is None
+        assert setting.enter(str(tmp_path), call, 0o027) is None  # a second, same setting
+        assert os.environ.get("RT_SECRET") == "hunter2"
+        setting.leave()
+        assert os.environ.get("RT_SECRET") == "hunter2"  # the other call still runs
+        setting.leave()
+        restored = "RT_SECRET" not in os.environ and dict(os.environ) == before
+        assert restored  # (no values in a failure's message)
+        assert os.umask(umask) == umask
+    finally:
+        os.environ.clear()
+        os.environ.update(before)
+        os.umask(umask)
