@@ -17,7 +17,9 @@ import threading
 import time
 from pathlib import Path
 
+import node_procs
 import pytest
+from node_procs import agent_pid, wait_for
 
 from lab import Lab
 from mento_fab.agent import wire
@@ -100,31 +102,11 @@ def sessions(lab: Lab, nodes: list[str] = NODES) -> dict[str, set[int]]:
 
 
 def sleeps(lab: Lab, marker: str) -> dict[str, list[int]]:
-    return {
-        n: [p for p, cmd in lab.node_pids(n).items() if cmd.startswith(f"sleep {marker}")]
-        for n in NODES
-    }
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    return node_procs.sleeps(lab, marker, NODES)
 
 
 def kill_sleeps(lab: Lab, marker: str) -> None:
-    for pids in sleeps(lab, marker).values():
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def agent_pid(directory: Path) -> int:
-    (pidfile,) = directory.glob("agent-*.pid")
-    return int(pidfile.read_text())
+    node_procs.kill_sleeps(lab, marker, NODES)
 
 
 # ------------------------------------------------------------- same answers

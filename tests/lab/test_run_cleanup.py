@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import node_procs
 import pytest
 
 from lab import Lab
@@ -21,20 +22,11 @@ NODES = ["cn01", "cn02", "cn03", "cn04"]
 
 
 def sleeps(lab: Lab, marker: str, nodes: list[str] = NODES) -> dict[str, list[int]]:
-    """Per node, the pids of ``sleep MARKER...`` processes (not the shells that name them)."""
-    return {
-        node: [pid for pid, cmd in lab.node_pids(node).items() if cmd.startswith(f"sleep {marker}")]
-        for node in nodes
-    }
+    return node_procs.sleeps(lab, marker, nodes)
 
 
 def wait_for(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    return node_procs.wait_for(predicate, timeout)
 
 
 def all_gone(lab: Lab, marker: str, nodes: list[str] = NODES) -> bool:
@@ -124,9 +116,7 @@ def test_a_lost_session_kills_its_command(lab, group) -> None:
     marker = "8764"
     outcome: list = []
     runner = threading.Thread(
-        target=lambda: outcome.append(
-            run(group, f'[ "$(hostname)" != cn02 ] || sleep {marker}01')
-        ),
+        target=lambda: outcome.append(run(group, f'[ "$(hostname)" != cn02 ] || sleep {marker}01')),
         daemon=True,
     )
     try:

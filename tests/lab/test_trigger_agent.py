@@ -3,17 +3,17 @@ agent when one runs: the same handles, no new login, and the agent's faults hand
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
+import node_procs
 import pytest
+from node_procs import agent_pid, wait_for
 
 from lab import Lab
 
@@ -86,27 +86,11 @@ def logins(lab: Lab) -> set[int]:
 
 
 def sleeps(lab: Lab, marker: str) -> list[int]:
-    return [p for p, cmd in lab.node_pids(NODE).items() if cmd.startswith(f"sleep {marker}")]
-
-
-def wait_for(predicate, timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return predicate()
+    return node_procs.sleeps(lab, marker, [NODE])[NODE]
 
 
 def kill_sleeps(lab: Lab, marker: str) -> None:
-    for pid in sleeps(lab, marker):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def agent_pid(directory: Path) -> int:
-    (pidfile,) = directory.glob("agent-*.pid")
-    return int(pidfile.read_text())
+    node_procs.kill_sleeps(lab, marker, [NODE])
 
 
 CALLS = {
