@@ -27,6 +27,7 @@ from mento_fab.errors import AgentError, AgentLost
 __all__ = [
     "OFF",
     "connect",
+    "current_umask",
     "disabled",
     "interrupt",
     "run_request",
@@ -106,8 +107,7 @@ def run_request(
         cwd = os.getcwd()
     except OSError:
         raise AgentError("the working directory is gone") from None
-    umask = os.umask(0o077)
-    os.umask(umask)
+    umask = current_umask()
     return {
         "op": "run",
         "protocol": wire.PROTOCOL,
@@ -159,3 +159,22 @@ def wait_exit(sock: socket.socket, pid: Any = None) -> int:
             ) from None
         if message["op"] == "exit":
             return int(message.get("status", 1))
+
+
+def current_umask() -> int:
+    """This process's umask, read without setting it.
+
+    ``os.umask`` can only be read by setting it: between the two calls another thread
+    of the caller (a Trigger's background workers) would read 077 and put that back
+    for good, and the script's files would end up private.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    umask = os.umask(0o077)  # no /proc: the only other way
+    os.umask(umask)
+    return umask

@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _warm_up() -> None:
     """Import what later calls need while the first one runs (imports are per process)."""
-    for module in ("mento_fab.runner", "mento_fab.check", "mento_fab.slurm", "mento_fab.deploy",
+    for module in ("mento_fab.runner", "mento_fab.check", "mento_fab.slurm", "mento_fab.deployment",
                    "rich.console", "rich.progress", "rich.table"):  # fmt: skip
         with contextlib.suppress(Exception):
             __import__(module)

@@ -47,15 +47,14 @@ __all__ = [
 ]  # fmt: skip
 
 #: Tasks that run through the agent: they only talk to nodes and print.
+#: ``deploy`` and ``rollback`` are not among them: they hold back Ctrl-C while nodes switch
+#: (``deployment.signals``), which needs the process's own main thread.
 AGENT_TASKS = frozenset(
-    {"info", "check", "run-on-nodes", "deploy", "rollback", "releases",
-     "submit", "jobs", "cancel", "reservation"}
+    {"info", "check", "run-on-nodes", "releases", "submit", "jobs", "cancel", "reservation"}
 )  # fmt: skip
 #: Options of AGENT_TASKS that take no value (a test checks this against the tasks): the
 #: word after any other option is its value, so ``--via ssh`` does not name the task ``ssh``.
-FLAGS = frozenset(
-    {"--all", "--dry-run", "--install", "--json", "--stream", "--system-site-packages", "--wait"}
-)
+FLAGS = frozenset({"--all", "--json", "--stream", "--wait"})
 #: Tasks that always run in their own process (interactive, or about the agent).
 DIRECT_TASKS = frozenset({"agent", "ssh", "tunnel", "top"})
 #: invoke core options that may come before a task on the agent path ("--config FILE").

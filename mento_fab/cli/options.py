@@ -20,6 +20,7 @@ import json as jsonlib
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,9 @@ def _config_section(c: Context) -> Any:
     return section if hasattr(section, "get") else {}
 
 
+_ARGUMENTS_LOCK = threading.Lock()
+
+
 class _Task(Task):
     """An invoke Task whose option help survives building its arguments.
 
@@ -180,11 +184,14 @@ class _Task(Task):
     """
 
     def get_arguments(self, ignore_unknown_help: bool | None = None) -> list[Argument]:
-        kept = dict(self.help)
-        try:
-            return super().get_arguments(ignore_unknown_help)
-        finally:
-            self.help = kept
+        # One task object serves every call in the connection agent: two parses at once
+        # would pop each other's entries (and invoke then refuses the leftovers).
+        with _ARGUMENTS_LOCK:
+            kept = dict(self.help)
+            try:
+                return super().get_arguments(ignore_unknown_help)
+            finally:
+                self.help = kept
 
 
 def mento_task(

@@ -51,7 +51,9 @@ def mento(
     [
         (["run-on-nodes", "hostname"], True),
         (["-f", "x.yaml", "check"], True),
-        (["--config=x.yaml", "deploy", "--source", "."], True),
+        (["--config=x.yaml", "releases", "--target", "/x"], True),
+        (["deploy", "--source", "."], False),  # Ctrl-C is held back in its own main thread
+        (["rollback", "--target", "/x"], False),
         (["info", "--json"], True),
         (["run-on-nodes", "--help"], False),
         (["--help"], False),
@@ -359,3 +361,21 @@ def test_a_calls_environment_and_umask_leave_with_it(tmp_path: Path, monkeypatch
         os.environ.clear()
         os.environ.update(before)
         os.umask(umask)
+
+
+def test_reading_the_umask_never_sets_it(monkeypatch) -> None:
+    """os.umask reads by setting: another thread (a Trigger's worker) could keep 077."""
+    from mento_fab.agent.client import current_umask
+
+    expected = os.umask(0o027)
+    os.umask(0o027)
+    try:
+
+        def refuse(mask: int) -> int:
+            raise AssertionError("the umask was set to read it")
+
+        monkeypatch.setattr(os, "umask", refuse)
+        assert current_umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(expected)

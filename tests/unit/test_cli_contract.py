@@ -182,3 +182,27 @@ def test_option_help_survives_building_the_arguments_twice() -> None:
     first = {a.name: a.help for a in ns["run-on-nodes"].get_arguments()}
     second = {a.name: a.help for a in ns["run-on-nodes"].get_arguments()}
     assert first == second and all(second.values())
+
+
+def test_two_parses_at_once_keep_every_help() -> None:
+    """The agent parses calls in threads with one set of task objects."""
+    import threading
+
+    ns = namespace()
+    task = ns["run-on-nodes"]
+    errors: list[BaseException] = []
+
+    def parse() -> None:
+        try:
+            for _ in range(150):
+                task.get_arguments()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=parse) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors[:3]
+    assert all(arg.help for arg in task.get_arguments())
