@@ -61,3 +61,6 @@ TOP_INTERVAL = 2.0
 
 #: Seconds without a call after which the connection agent exits (``MENTO_AGENT_IDLE``).
 AGENT_IDLE = 600.0
+#: Seconds a client waits for the agent to say it is ready for a call; then it runs the
+#: call itself (nothing ran in the agent: it starts only on the client's "go").
+AGENT_ANSWER_TIMEOUT = 10.0

@@ -186,8 +186,9 @@ def run_via_agent(
             try:
                 sock.settimeout(ANSWER_TIMEOUT)
                 reply = submit(
-                    sock, run_request(argv, "run-on-nodes", _STREAMS), (stdin, out_w, err_w)
-                )
+                    sock, run_request(argv, "run-on-nodes", _STREAMS), (stdin, out_w, err_w),
+                    timeout=ANSWER_TIMEOUT,
+                )  # fmt: skip
                 sock.settimeout(None)
             except (OSError, EOFError, AgentError) as exc:
                 log.debug("trigger: agent not used: it did not take the call (%s)", exc)

@@ -21,6 +21,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from mento_fab import defaults
 from mento_fab.agent import wire
 from mento_fab.errors import AgentError, AgentLost
 
@@ -121,17 +122,33 @@ def run_request(
     }
 
 
-def submit(sock: socket.socket, request: Mapping[str, Any], fds: Sequence[int]) -> dict[str, Any]:
+def submit(
+    sock: socket.socket,
+    request: Mapping[str, Any],
+    fds: Sequence[int],
+    timeout: float = defaults.AGENT_ANSWER_TIMEOUT,
+) -> dict[str, Any]:
     """Send ``request`` with ``fds`` (stdin, stdout, stderr) and return the agent's answer:
-    ``accepted``, or ``busy``/``stale`` with a ``reason`` (then nothing ran).
+    ``accepted`` (the call now runs there), or ``busy``/``stale`` with a ``reason``.
 
-    Raises ``OSError``/``EOFError``/:class:`AgentError` when no answer came.
+    The agent first says ``ready`` and runs the call only on our ``go``; so when no
+    answer comes within ``timeout`` (a stopped or wedged agent), nothing ran there and
+    the caller may run the call itself. Raises ``OSError`` (``TimeoutError``
+    included)/``EOFError``/:class:`AgentError` when no answer came.
     """
-    wire.send(sock, request, fds=fds)
-    reply, extra = wire.recv(sock)
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        wire.send(sock, request, fds=fds)
+        reply, extra = wire.recv(sock)
+    finally:
+        sock.settimeout(previous)
     for fd in extra:
         with contextlib.suppress(OSError):
             os.close(fd)
+    if reply.get("op") == "ready":
+        wire.send(sock, {"op": "go"})
+        return {**reply, "op": "accepted"}
     return reply
 
 

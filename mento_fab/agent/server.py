@@ -48,6 +48,8 @@ log = logging.getLogger("mento_fab.agent")
 SHELL_NOISE = frozenset({"_", "OLDPWD", "SHLVL"})
 #: Calls served at once.
 MAX_CALLS = 16
+#: Seconds the agent waits for a client's "go" after saying "ready".
+GO_TIMEOUT = 30.0
 #: Seconds a stopping agent gives interrupted calls to end (a retiring one waits for its calls).
 STOP_GRACE = 10.0
 
@@ -270,8 +272,10 @@ class Agent:
             )
             with self._lock:
                 self.calls[id(request)] = request
+            if not self._go(sock):
+                return  # the client gave up waiting and runs the call itself
+            with self._lock:
                 self.served += 1
-            wire.send(sock, {"op": "accepted", "pid": self.pid})
             watcher = threading.Thread(
                 target=self._watch, args=(sock, request), daemon=True, name="agent-watch"
             )
@@ -293,6 +297,23 @@ class Agent:
                     self.calls.pop(id(request), None)
                 self.last_active = time.monotonic()
             self._setting.leave()
+
+    def _go(self, sock: socket.socket) -> bool:
+        """Say "ready" and wait for the client's "go": only then does the call run.
+
+        A client that stopped waiting (its answer timeout) closes the socket instead,
+        and runs the call itself: the call must then never run here as well.
+        """
+        wire.send(sock, {"op": "ready", "pid": self.pid})
+        sock.settimeout(GO_TIMEOUT)
+        try:
+            message, _ = wire.recv(sock)
+        except (OSError, EOFError, AgentError) as exc:
+            log.info("a client left before its call started: %s", exc)
+            return False
+        finally:
+            sock.settimeout(None)
+        return message.get("op") == "go"
 
     def _watch(self, sock: socket.socket, request: context.Request) -> None:
         """Ctrl-C from the client, or the client gone: interrupt the call."""

@@ -45,7 +45,7 @@ __all__ = [
 ]
 
 #: Bumped whenever a message changes meaning; an agent refuses other versions.
-PROTOCOL = 1
+PROTOCOL = 2  # 2: a call starts on the client's "go" after the agent's "ready"
 #: The largest message accepted (argv and environment of one call).
 MAX_MESSAGE = 8 * 1024 * 1024
 _HEADER = struct.Struct(">I")

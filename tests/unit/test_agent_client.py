@@ -379,3 +379,59 @@ def test_reading_the_umask_never_sets_it(monkeypatch) -> None:
     finally:
         monkeypatch.undo()
         os.umask(expected)
+
+
+def test_a_silent_agent_is_given_up_and_the_call_runs_here(
+    beamtime, private_agent: Path, tmp_path: Path
+) -> None:
+    """An agent that takes the connection and never answers (stopped, wedged)."""
+    from mento_fab.agent import client as agent_client
+
+    names = wire.Names(private_agent)
+    silent = socket.socket(socket.AF_UNIX)
+    silent.bind(str(names.socket))
+    silent.listen(4)  # the kernel accepts connections; nobody ever answers
+    try:
+        with agent_client.connect(names) as sock, pytest.raises(TimeoutError):
+            agent_client.submit(sock, {"op": "run"}, (0, 1, 2), timeout=0.3)
+        env = {**os.environ, "MENTO_AGENT": "1", "MENTO_LOG_LEVEL": "debug"}
+        argv = [sys.executable, "-m", "mento_fab", "info", "--metadata", str(beamtime.metadata)]
+        # Files, not pipes: the fds handed to a listener that never accepts stay in its
+        # queue (and would keep a pipe open) until the listener closes.
+        out, err = tmp_path / "out", tmp_path / "err"
+        start = time.monotonic()
+        with out.open("wb") as o, err.open("wb") as e:
+            proc = subprocess.run(argv, env=env, stdout=o, stderr=e, timeout=60, check=False)
+        assert proc.returncode == 0 and b"11019999" in out.read_bytes(), err.read_bytes()
+        assert b"did not take the call" in err.read_bytes()
+        assert time.monotonic() - start < 40
+    finally:
+        silent.close()
+        names.socket.unlink()
+
+
+def test_a_call_runs_in_the_agent_only_after_the_clients_go(
+    beamtime, private_agent: Path
+) -> None:
+    """A client that stopped waiting runs the call itself: the agent must not run it too."""
+    from mento_fab.agent import client as agent_client
+
+    args = ["info", "--metadata", str(beamtime.metadata)]
+    assert mento(*args).returncode == 0  # the agent runs, with one call served
+    names = wire.Names(private_agent)
+    out_r, out_w = os.pipe()
+    stdin = os.open(os.devnull, os.O_RDONLY)
+    facts = {"encoding": "utf-8", "errors": "strict", "line_buffering": False,
+             "write_through": False}  # fmt: skip
+    streams = dict.fromkeys(("stdin", "stdout", "stderr"), facts)
+    request = agent_client.run_request(["mento-fab", *args], "info", streams)
+    with agent_client.connect(names) as sock:
+        wire.send(sock, request, fds=(stdin, out_w, out_w))
+        for fd in (stdin, out_w):
+            os.close(fd)
+        reply, _ = wire.recv(sock)
+        assert reply["op"] == "ready"
+    # gone without "go": nothing may reach the passed stdout, the call is not served
+    assert os.read(out_r, 100) == b""  # EOF: the agent closed its copy unused
+    os.close(out_r)
+    assert client.query(names, {"op": "status"})["served"] == 1
